@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/httpapi"
+	"github.com/kiln-fhir/kiln/ingest"
+	"github.com/kiln-fhir/kiln/localfs"
+	"github.com/kiln-fhir/kiln/sqlite"
+	"github.com/kiln-fhir/kiln/synth"
+)
+
+type serveConfig struct {
+	addr, data, basePath, publicURL string
+	maxBody                         int64
+	workers, unitSize               int
+	maxFileResources, maxFileBytes  int64
+	retention                       time.Duration
+	maxJobs, maxJobsPerClient       int
+	retryAfter, pollBurst           int
+	logLevel, logFormat             string
+	demo                            bool
+	demoPatients                    int
+}
+
+func serveFlags(fs *flag.FlagSet) *serveConfig {
+	c := &serveConfig{}
+	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "address to listen on")
+	fs.StringVar(&c.data, "data", "./kiln-data", "data folder: the embedded database and export files")
+	fs.StringVar(&c.basePath, "base-path", "/4_0_0", "FHIR base path")
+	fs.StringVar(&c.publicURL, "public-url", "", "scheme://host[:port] clients reach Kiln at, for Content-Location and manifest URLs (default: the request's Host)")
+	fs.Int64Var(&c.maxBody, "max-body-bytes", 16<<20, "largest request body accepted")
+	fs.IntVar(&c.workers, "export-workers", runtime.NumCPU(), "export units run in parallel")
+	fs.IntVar(&c.unitSize, "export-unit-size", 100_000, "resources per work unit of a system export")
+	fs.Int64Var(&c.maxFileResources, "max-file-resources", 1_000_000, "an export file is split before it passes this many resources")
+	fs.Int64Var(&c.maxFileBytes, "max-file-bytes", 1<<30, "an export file is split before it passes this many bytes")
+	fs.DurationVar(&c.retention, "export-retention", 24*time.Hour, "how long finished exports' files are kept")
+	fs.IntVar(&c.maxJobs, "max-exports", 10, "unfinished exports the server runs at once; more get 429")
+	fs.IntVar(&c.maxJobsPerClient, "max-exports-per-client", 3, "unfinished exports one client may have; more get 429")
+	fs.IntVar(&c.retryAfter, "retry-after", 2, "seconds status responses ask clients to wait (Retry-After)")
+	fs.IntVar(&c.pollBurst, "poll-burst", 10, "status polls in a row sooner than half of Retry-After before 429 (-1: never)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
+	fs.BoolVar(&c.demo, "demo", false, "seed generated sample patients into an empty store and print example requests")
+	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
+	return c
+}
+
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: use debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: use text or json", format)
+}
+
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("kiln serve", flag.ContinueOnError)
+	c := serveFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: kiln serve [flags]\n\nRuns the FHIR server on the embedded store in --data.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, c.logLevel, c.logFormat)
+	if err != nil {
+		return err
+	}
+	db, err := sqlite.Open(ctx, c.data)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	sink, err := localfs.New(filepath.Join(c.data, "exports"))
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", c.addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", c.addr, err)
+	}
+	public := c.publicURL
+	if public == "" {
+		public = "http://" + ln.Addr().String()
+	}
+	exp := export.New(db, db, sink, export.Config{
+		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
+		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient,
+		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,
+	})
+	if c.demo {
+		if err := seedDemo(ctx, db, c, log); err != nil {
+			ln.Close()
+			return err
+		}
+	}
+	api := httpapi.New(db, exp, httpapi.Config{
+		BasePath: c.basePath, PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
+		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
+	}, nil)
+	srv := &http.Server{
+		Handler:           api,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       5 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	runCtx, stopRun := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := exp.Run(runCtx); err != nil {
+			log.Error("export workers stopped", "err", err)
+		}
+	}()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.basePath, "data", c.data, "version", version())
+	if c.demo {
+		printDemo(stdout, public+c.basePath)
+	}
+	select {
+	case err := <-serveErr:
+		stopRun()
+		wg.Wait()
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: finishing requests, handing back running export units")
+	shut, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = srv.Shutdown(shut)
+	stopRun()
+	wg.Wait()
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+func seedDemo(ctx context.Context, db *sqlite.DB, c *serveConfig, log *slog.Logger) error {
+	counts, err := db.Counts(ctx)
+	if err != nil {
+		return err
+	}
+	if len(counts) > 0 {
+		log.Info("demo: the store already has data; not seeding")
+		return nil
+	}
+	dir, err := os.MkdirTemp("", "kiln-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if _, err := synth.Generate(ctx, dir, synth.Options{Patients: c.demoPatients, Seed: 1}); err != nil {
+		return err
+	}
+	st, err := ingest.Load(ctx, db, []string{dir}, ingest.LoadOptions{NewID: uuid.NewString})
+	if err != nil {
+		return err
+	}
+	var n int64
+	for _, v := range st.Written {
+		n += v
+	}
+	log.Info("demo: seeded generated patients", "patients", c.demoPatients, "resources", n)
+	return nil
+}
+
+func printDemo(w io.Writer, base string) {
+	fmt.Fprintf(w, `
+Kiln is running with demo data at %[1]s
+
+Try:
+  curl -s %[1]s/metadata | head -c 300; echo
+  curl -s '%[1]s/Patient?_count=2'
+  curl -s '%[1]s/Group/all-patients'  | head -c 300; echo
+
+  # Start a system-level export and poll it:
+  curl -si -X POST '%[1]s/$export?_type=Patient,Observation' -H 'Prefer: respond-async' | grep -i content-location
+  curl -si <Content-Location>          # 202 + X-Progress while running, 200 + manifest when done
+  curl -s  <output url from the manifest> | head -3
+
+  # Patient- and Group-level exports:
+  curl -si '%[1]s/Patient/$export?_since=2020-01-01' | grep -i content-location
+  curl -si '%[1]s/Group/all-patients/$export' | grep -i content-location
+
+  # Cancel (or delete a finished export):
+  curl -si -X DELETE <Content-Location>
+`, base)
+}

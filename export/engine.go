@@ -1,0 +1,804 @@
+// Package export is Kiln's bulk export engine: it validates kick-offs, plans
+// a job into work units, runs them on a pool of workers that stream stored
+// bytes from the store to the sink, and assembles the manifest.
+package export
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+// Store is what the engine reads resources from.
+type Store interface {
+	kiln.ResourceStore
+	kiln.ExportReader
+}
+
+// Config tunes the engine. Zero values take the defaults noted.
+type Config struct {
+	// Workers run units in parallel (default: number of CPUs).
+	Workers int
+	// UnitSize is the number of resources per unit of a system export (100,000).
+	UnitSize int
+	// MaxFileResources and MaxFileBytes split output files (1,000,000 and 1 GiB).
+	MaxFileResources int64
+	MaxFileBytes     int64
+	// Retention is how long finished jobs' files are kept (24 h).
+	Retention time.Duration
+	// SweepEvery is how often expired jobs are removed (1 min).
+	SweepEvery time.Duration
+	// MaxActiveJobs and MaxActiveJobsPerOwner limit unfinished jobs (10 and 3).
+	MaxActiveJobs, MaxActiveJobsPerOwner int
+	// Lease is how long a claimed unit stays with its worker (10 min).
+	Lease time.Duration
+	// Ref says which absolute references are this server's (for Group members).
+	Ref    fhir.Options
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+func (c *Config) defaults() {
+	if c.Workers <= 0 {
+		c.Workers = runtime.NumCPU()
+	}
+	if c.UnitSize <= 0 {
+		c.UnitSize = 100_000
+	}
+	if c.MaxFileResources <= 0 {
+		c.MaxFileResources = 1_000_000
+	}
+	if c.MaxFileBytes <= 0 {
+		c.MaxFileBytes = 1 << 30
+	}
+	if c.Retention <= 0 {
+		c.Retention = 24 * time.Hour
+	}
+	if c.SweepEvery <= 0 {
+		c.SweepEvery = time.Minute
+	}
+	if c.MaxActiveJobs <= 0 {
+		c.MaxActiveJobs = 10
+	}
+	if c.MaxActiveJobsPerOwner <= 0 {
+		c.MaxActiveJobsPerOwner = 3
+	}
+	if c.Lease <= 0 {
+		c.Lease = 10 * time.Minute
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// Service runs exports.
+type Service struct {
+	store Store
+	jobs  kiln.JobStore
+	sink  kiln.Sink
+	cfg   Config
+	log   *slog.Logger
+
+	mu sync.Mutex
+	// running holds the cancel functions of units being run, per job.
+	running map[string]map[int]context.CancelFunc
+	// unitsDone is signalled whenever a unit stops running.
+	unitsDone *sync.Cond
+	wake      chan struct{}
+}
+
+// New returns an export service.
+func New(store Store, jobs kiln.JobStore, sink kiln.Sink, cfg Config) *Service {
+	cfg.defaults()
+	s := &Service{store: store, jobs: jobs, sink: sink, cfg: cfg, log: cfg.Logger,
+		running: map[string]map[int]context.CancelFunc{}, wake: make(chan struct{}, 1)}
+	s.unitsDone = sync.NewCond(&s.mu)
+	return s
+}
+
+// Config returns the effective configuration.
+func (s *Service) Config() Config { return s.cfg }
+
+// Start validates what needs the store (patients, Group), plans the job and
+// stores it as accepted. Workers pick it up.
+func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner string) (*kiln.Job, error) {
+	all, mine, err := s.jobs.Running(ctx, owner)
+	if err != nil {
+		return nil, err
+	}
+	if all >= s.cfg.MaxActiveJobs {
+		return nil, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("the server is running %d exports, its limit; try again later", all), RetryAfter: 30}
+	}
+	if mine >= s.cfg.MaxActiveJobsPerOwner {
+		return nil, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("you have %d exports running, the limit per client; wait for one to finish or cancel it", mine), RetryAfter: 30}
+	}
+	snap, err := s.store.SnapshotTime(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var patients []string
+	switch req.Level {
+	case kiln.LevelPatient:
+		if patients, err = s.patientsOf(ctx, snap, req); err != nil {
+			return nil, err
+		}
+	case kiln.LevelGroup:
+		if patients, err = s.groupPatients(ctx, snap, req); err != nil {
+			return nil, err
+		}
+	}
+	present, err := s.store.TypesPresent(ctx)
+	if err != nil {
+		return nil, err
+	}
+	job := &kiln.Job{
+		ID:              uuid.NewString(),
+		Owner:           owner,
+		State:           kiln.JobAccepted,
+		Request:         *req,
+		TransactionTime: snap,
+		Created:         s.cfg.Now().UTC(),
+		Patients:        len(patients),
+	}
+	job.Updated = job.Created
+	units, err := s.plan(ctx, job, present, len(patients))
+	if err != nil {
+		return nil, err
+	}
+	job.UnitsTotal = len(units)
+	if req.Level != kiln.LevelSystem {
+		if err := s.jobs.SetPatients(ctx, job.ID, patients); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.jobs.CreateJob(ctx, job, units); err != nil {
+		return nil, err
+	}
+	s.log.Info("export accepted", "job", job.ID, "level", req.Level, "owner", owner, "units", len(units), "patients", len(patients), "transactionTime", fhir.FormatInstant(snap))
+	if len(units) == 0 {
+		if err := s.finalize(ctx, job.ID); err != nil {
+			return nil, err
+		}
+	}
+	s.poke()
+	return job, nil
+}
+
+func (s *Service) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.ExportRequest) ([]string, error) {
+	if len(req.Patients) == 0 {
+		return s.store.PatientsAt(ctx, snap, nil)
+	}
+	ids := uniqSorted(req.Patients)
+	found, err := s.store.PatientsAt(ctx, snap, ids)
+	if err != nil {
+		return nil, err
+	}
+	if missing := minus(ids, found); len(missing) > 0 {
+		return nil, kiln.Invalid("patient", "patient %s does not exist", refs("Patient", missing))
+	}
+	return found, nil
+}
+
+func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.ExportRequest) ([]string, error) {
+	g, err := s.store.Read(ctx, "Group", req.GroupID)
+	if err != nil {
+		if c := kiln.ErrorCode(err); c == kiln.ENOTFOUND || c == kiln.EGONE {
+			return nil, &kiln.Error{Code: kiln.ENOTFOUND, Message: fmt.Sprintf("Group/%s does not exist", req.GroupID)}
+		}
+		return nil, err
+	}
+	var group struct {
+		Member []struct {
+			Entity struct {
+				Reference string `json:"reference"`
+			} `json:"entity"`
+			Inactive bool `json:"inactive"`
+		} `json:"member"`
+	}
+	if err := json.Unmarshal(g.Body, &group); err != nil {
+		return nil, fmt.Errorf("decode Group/%s: %w", req.GroupID, err)
+	}
+	var members []string
+	for _, m := range group.Member {
+		ref, ok := fhir.ParseReference(m.Entity.Reference, s.cfg.Ref)
+		if m.Inactive || !ok || ref.Type != "Patient" {
+			continue
+		}
+		members = append(members, ref.ID)
+	}
+	members = uniqSorted(members)
+	if len(req.Patients) > 0 {
+		ids := uniqSorted(req.Patients)
+		if out := minus(ids, members); len(out) > 0 {
+			return nil, kiln.Invalid("patient", "patient %s is not an active member of Group/%s", refs("Patient", out), req.GroupID)
+		}
+		members = ids
+	}
+	found, err := s.store.PatientsAt(ctx, snap, members)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range minus(members, found) {
+		req.Warnings = append(req.Warnings, kiln.Issue{Expression: "Group/" + req.GroupID, Message: fmt.Sprintf("member Patient/%s does not exist; skipped", id)})
+	}
+	return found, nil
+}
+
+// plan cuts the job into units.
+func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, patients int) ([]kiln.Unit, error) {
+	req := &job.Request
+	d := fhir.R4()
+	types := present
+	if len(req.Types) > 0 {
+		types = nil
+		for _, t := range req.Types {
+			if slices.Contains(present, t) {
+				types = append(types, t)
+			}
+		}
+	}
+	var units []kiln.Unit
+	add := func(u kiln.Unit) {
+		u.Job, u.Seq = job.ID, len(units)
+		units = append(units, u)
+	}
+	var exported []string
+	switch req.Level {
+	case kiln.LevelSystem:
+		exported = types
+		for _, t := range types {
+			bounds, err := s.store.SplitType(ctx, t, job.TransactionTime, s.cfg.UnitSize)
+			if err != nil {
+				return nil, err
+			}
+			from := kiln.Cursor{}
+			for _, b := range bounds {
+				add(kiln.Unit{Kind: kiln.UnitType, Type: t, From: from, To: b})
+				from = b
+			}
+			add(kiln.Unit{Kind: kiln.UnitType, Type: t, From: from})
+		}
+	default:
+		var comp, supp []string
+		for _, t := range types {
+			if d.InCompartment(t) {
+				comp = append(comp, t)
+			} else {
+				supp = append(supp, t)
+			}
+		}
+		exported = types
+		if patients > 0 && len(comp) > 0 {
+			b := req.PatientReferenceBatchSize
+			for lo := 0; lo < patients; lo += b {
+				add(kiln.Unit{Kind: kiln.UnitPatients, Types: comp, PatientLo: lo, PatientHi: min(lo+b, patients) - 1})
+			}
+		}
+		if patients > 0 {
+			for _, t := range supp {
+				add(kiln.Unit{Kind: kiln.UnitSupporting, Type: t})
+			}
+		}
+	}
+	if req.Since != nil {
+		dt := exported
+		if len(req.Types) > 0 {
+			dt = req.Types
+		}
+		if len(dt) > 0 {
+			add(kiln.Unit{Kind: kiln.UnitDeleted, Types: dt})
+		}
+	}
+	if len(req.Warnings) > 0 {
+		add(kiln.Unit{Kind: kiln.UnitErrors})
+	}
+	return units, nil
+}
+
+// Run works on units until ctx ends. On start it hands back units that a
+// previous run of this process left claimed, and finishes jobs whose units
+// were all done.
+func (s *Service) Run(ctx context.Context) error {
+	if r, ok := s.jobs.(interface {
+		ReleaseAll(context.Context) (int, error)
+	}); ok {
+		n, err := r.ReleaseAll(ctx)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			s.log.Info("export units handed back after restart", "units", n)
+		}
+	}
+	if err := s.recover(ctx); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	for i := range s.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.work(ctx, i)
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		s.sweep(ctx)
+	}()
+	wg.Wait()
+	return nil
+}
+
+func (s *Service) recover(ctx context.Context) error {
+	jobs, err := s.jobs.Jobs(ctx, kiln.JobAccepted, kiln.JobInProgress)
+	if err != nil {
+		return err
+	}
+	for _, j := range jobs {
+		total, done, err := s.jobs.UnitCounts(ctx, j.ID)
+		if err != nil {
+			return err
+		}
+		if total == done {
+			if err := s.finalize(ctx, j.ID); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Service) work(ctx context.Context, worker int) {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for ctx.Err() == nil {
+		u, err := s.jobs.ClaimUnit(ctx, s.cfg.Lease)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Error("claim export unit", "err", err)
+			}
+			u = nil
+		}
+		if u == nil {
+			select {
+			case <-ctx.Done():
+			case <-s.wake:
+			case <-tick.C:
+			}
+			continue
+		}
+		// Another idle worker may find more.
+		s.poke()
+		s.runUnit(ctx, u, worker)
+	}
+}
+
+func (s *Service) register(u *kiln.Unit, cancel context.CancelFunc) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.running[u.Job]
+	if m == nil {
+		m = map[int]context.CancelFunc{}
+		s.running[u.Job] = m
+	}
+	m[u.Seq] = cancel
+}
+
+func (s *Service) unregister(u *kiln.Unit) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.running[u.Job], u.Seq)
+	if len(s.running[u.Job]) == 0 {
+		delete(s.running, u.Job)
+	}
+	s.unitsDone.Broadcast()
+}
+
+var errJobGone = errors.New("job was cancelled")
+
+func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
+	ctx, cancel := context.WithCancelCause(parent)
+	s.register(u, func() { cancel(errJobGone) })
+	defer func() {
+		cancel(nil)
+		s.unregister(u)
+	}()
+	job, err := s.jobs.GetJob(ctx, u.Job)
+	if err != nil {
+		s.log.Error("export unit without job", "job", u.Job, "unit", u.Seq, "err", err)
+		return
+	}
+	if job.State == kiln.JobAccepted {
+		if _, err := s.jobs.UpdateJob(ctx, job.ID, func(j *kiln.Job) error {
+			if j.State == kiln.JobAccepted {
+				j.State = kiln.JobInProgress
+			}
+			return nil
+		}); err != nil {
+			s.log.Error("mark export in progress", "job", job.ID, "err", err)
+		}
+	}
+	start := time.Now()
+	prefix := unitPrefix(u.Seq)
+	// A unit that ran before (and died) is redone from scratch.
+	if err := s.sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
+		s.failJob(job.ID, u, err)
+		return
+	}
+	parts, err := s.execute(ctx, job, u)
+	if err != nil {
+		if context.Cause(ctx) == errJobGone {
+			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+			return
+		}
+		if parent.Err() != nil {
+			// Shutting down: the unit goes back to pending and is redone.
+			if err := s.jobs.ReleaseUnit(context.Background(), u); err != nil {
+				s.log.Error("hand back export unit", "job", u.Job, "unit", u.Seq, "err", err)
+			}
+			return
+		}
+		s.failJob(job.ID, u, err)
+		return
+	}
+	ok, err := s.jobs.FinishUnit(ctx, u, parts)
+	if err != nil || !ok {
+		if err != nil && parent.Err() == nil {
+			s.log.Error("finish export unit", "job", u.Job, "unit", u.Seq, "err", err)
+		}
+		_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+		return
+	}
+	var n int64
+	for _, p := range parts {
+		n += p.Count
+	}
+	s.log.Debug("export unit done", "job", u.Job, "unit", u.Seq, "kind", u.Kind, "type", u.Type, "resources", n, "worker", worker, "seconds", time.Since(start).Seconds())
+	total, done, err := s.jobs.UnitCounts(ctx, u.Job)
+	if err != nil {
+		s.log.Error("count export units", "job", u.Job, "err", err)
+		return
+	}
+	if done == total {
+		if err := s.finalize(ctx, u.Job); err != nil {
+			s.log.Error("finish export", "job", u.Job, "err", err)
+		}
+	}
+}
+
+func unitPrefix(seq int) string { return fmt.Sprintf("%06d-", seq) }
+
+// failJob marks the job failed and reclaims its space: a failed export never
+// shows a partial manifest.
+func (s *Service) failJob(id string, u *kiln.Unit, cause error) {
+	ctx := context.Background()
+	s.log.Error("export failed", "job", id, "unit", u.Seq, "kind", u.Kind, "type", u.Type, "err", cause)
+	msg := "export failed: " + kiln.ErrorMessage(cause)
+	if kiln.ErrorCode(cause) == kiln.EINTERNAL {
+		msg = "export failed: the server could not write or read the export data (" + shortErr(cause) + ")"
+	}
+	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
+		if j.Finished() {
+			return errJobGone
+		}
+		j.State = kiln.JobFailed
+		j.Error = msg
+		j.Expires = s.cfg.Now().Add(s.cfg.Retention).UTC()
+		return nil
+	})
+	if err != nil {
+		return
+	}
+	s.cancelUnits(j.ID)
+	if err := s.sink.RemoveJob(ctx, id); err != nil {
+		s.log.Error("remove failed export's files", "job", id, "err", err)
+	}
+}
+
+// shortErr keeps the last, most specific part of a wrapped error (no paths or SQL).
+func shortErr(err error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return msg
+}
+
+// finalize assembles the manifest once every unit is done.
+func (s *Service) finalize(ctx context.Context, id string) error {
+	parts, err := s.jobs.Parts(ctx, id)
+	if err != nil {
+		return err
+	}
+	files := assemble(parts, s.cfg.MaxFileResources, s.cfg.MaxFileBytes)
+	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
+		if j.Finished() {
+			return errJobGone
+		}
+		j.State = kiln.JobCompleted
+		j.Files = files
+		j.UnitsDone = j.UnitsTotal
+		j.Expires = s.cfg.Now().Add(s.cfg.Retention).UTC()
+		return nil
+	})
+	if errors.Is(err, errJobGone) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var n int64
+	for _, f := range files {
+		n += f.Count
+	}
+	s.log.Info("export completed", "job", id, "files", len(files), "resources", n, "seconds", j.Updated.Sub(j.Created).Seconds())
+	return nil
+}
+
+// assemble groups parts into manifest files: consecutive parts of one kind and
+// type, as long as the file stays within the limits.
+func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
+	type key struct{ kind, typ string }
+	byKey := map[key][]kiln.Part{}
+	var keys []key
+	for _, p := range parts {
+		if p.Count == 0 {
+			continue
+		}
+		k := key{p.Kind, p.Type}
+		if _, ok := byKey[k]; !ok {
+			keys = append(keys, k)
+		}
+		byKey[k] = append(byKey[k], p)
+	}
+	kindOrder := map[string]int{"output": 0, "deleted": 1, "error": 2}
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].kind != keys[j].kind {
+			return kindOrder[keys[i].kind] < kindOrder[keys[j].kind]
+		}
+		return keys[i].typ < keys[j].typ
+	})
+	var files []kiln.File
+	for _, k := range keys {
+		n := 0
+		var cur *kiln.File
+		for _, p := range byKey[k] {
+			if cur == nil || cur.Count+p.Count > maxCount || cur.Bytes+p.Bytes > maxBytes {
+				n++
+				name := fmt.Sprintf("%s-%d.ndjson", k.typ, n)
+				switch k.kind {
+				case "deleted":
+					name = fmt.Sprintf("deleted-%d.ndjson", n)
+				case "error":
+					name = fmt.Sprintf("error-%d.ndjson", n)
+				}
+				files = append(files, kiln.File{Name: name, Type: k.typ, Kind: k.kind})
+				cur = &files[len(files)-1]
+			}
+			cur.Count += p.Count
+			cur.Bytes += p.Bytes
+			cur.Parts = append(cur.Parts, p.Name)
+		}
+	}
+	return files
+}
+
+// Job returns a job.
+func (s *Service) Job(ctx context.Context, id string) (*kiln.Job, error) {
+	j, err := s.jobs.GetJob(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if j.State == kiln.JobCancelled {
+		return nil, kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
+	}
+	return j, nil
+}
+
+// Progress returns the share of the job's units that are done, 0–100.
+func (s *Service) Progress(ctx context.Context, j *kiln.Job) int {
+	if j.State == kiln.JobCompleted {
+		return 100
+	}
+	total, done, err := s.jobs.UnitCounts(ctx, j.ID)
+	if err != nil || total == 0 {
+		return 0
+	}
+	return done * 100 / total
+}
+
+func (s *Service) cancelUnits(job string) {
+	s.mu.Lock()
+	for _, c := range s.running[job] {
+		c()
+	}
+	s.mu.Unlock()
+}
+
+// Cancel stops a job, waits for its running units to stop, and removes its
+// files and records. Cancelling a finished job removes it the same way.
+func (s *Service) Cancel(ctx context.Context, id string) error {
+	if _, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
+		if j.State == kiln.JobCancelled {
+			return kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
+		}
+		j.State = kiln.JobCancelled
+		return nil
+	}); err != nil {
+		return err
+	}
+	s.cancelUnits(id)
+	s.mu.Lock()
+	deadline := time.Now().Add(30 * time.Second)
+	for len(s.running[id]) > 0 && time.Now().Before(deadline) {
+		// Units stop at their next batch; the cond is broadcast as each ends.
+		s.waitUnits(deadline)
+	}
+	s.mu.Unlock()
+	return s.remove(ctx, id)
+}
+
+// waitUnits waits on the cond with a timeout. Caller holds s.mu.
+func (s *Service) waitUnits(deadline time.Time) {
+	t := time.AfterFunc(time.Until(deadline), func() {
+		s.mu.Lock()
+		s.unitsDone.Broadcast()
+		s.mu.Unlock()
+	})
+	s.unitsDone.Wait()
+	t.Stop()
+}
+
+func (s *Service) remove(ctx context.Context, id string) error {
+	if err := s.sink.RemoveJob(ctx, id); err != nil {
+		return err
+	}
+	return s.jobs.DeleteJob(ctx, id)
+}
+
+func (s *Service) sweep(ctx context.Context) {
+	t := time.NewTicker(s.cfg.SweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := s.Sweep(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("sweep expired exports", "err", err)
+		}
+	}
+}
+
+// Sweep removes jobs past their expiry and leftovers of cancelled ones.
+func (s *Service) Sweep(ctx context.Context) error {
+	jobs, err := s.jobs.Jobs(ctx, kiln.JobCompleted, kiln.JobFailed, kiln.JobCancelled)
+	if err != nil {
+		return err
+	}
+	now := s.cfg.Now()
+	for _, j := range jobs {
+		if j.State == kiln.JobCancelled || (!j.Expires.IsZero() && now.After(j.Expires)) {
+			s.mu.Lock()
+			busy := len(s.running[j.ID]) > 0
+			s.mu.Unlock()
+			if busy {
+				continue
+			}
+			if err := s.remove(ctx, j.ID); err != nil {
+				return err
+			}
+			s.log.Info("export removed", "job", j.ID, "state", j.State)
+		}
+	}
+	return nil
+}
+
+// OpenFile opens a manifest file of a completed job: its parts in order.
+func (s *Service) OpenFile(ctx context.Context, j *kiln.Job, name string) (io.ReadCloser, *kiln.File, error) {
+	for i := range j.Files {
+		f := &j.Files[i]
+		if f.Name != name {
+			continue
+		}
+		return &multiPart{ctx: ctx, sink: s.sink, job: j.ID, parts: f.Parts}, f, nil
+	}
+	return nil, nil, kiln.Errorf(kiln.ENOTFOUND, "export job %s has no file %s", j.ID, name)
+}
+
+// multiPart reads parts one after another, opening each only when reached.
+type multiPart struct {
+	ctx   context.Context
+	sink  kiln.Sink
+	job   string
+	parts []string
+	cur   io.ReadCloser
+}
+
+func (m *multiPart) Read(p []byte) (int, error) {
+	for {
+		if m.cur == nil {
+			if len(m.parts) == 0 {
+				return 0, io.EOF
+			}
+			r, err := m.sink.Open(m.ctx, m.job, m.parts[0])
+			if err != nil {
+				return 0, err
+			}
+			m.cur, m.parts = r, m.parts[1:]
+		}
+		n, err := m.cur.Read(p)
+		if errors.Is(err, io.EOF) {
+			m.cur.Close()
+			m.cur = nil
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		return n, err
+	}
+}
+
+func (m *multiPart) Close() error {
+	if m.cur != nil {
+		return m.cur.Close()
+	}
+	return nil
+}
+
+func uniqSorted(s []string) []string {
+	out := slices.Clone(s)
+	sort.Strings(out)
+	return slices.Compact(out)
+}
+
+// minus returns the elements of a (sorted) not in b (sorted).
+func minus(a, b []string) []string {
+	var out []string
+	for _, x := range a {
+		if _, ok := slices.BinarySearch(b, x); !ok {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func refs(typ string, ids []string) string {
+	const show = 5
+	var parts []string
+	for i, id := range ids {
+		if i == show {
+			parts = append(parts, fmt.Sprintf("and %d more", len(ids)-show))
+			break
+		}
+		parts = append(parts, typ+"/"+id)
+	}
+	return strings.Join(parts, ", ")
+}

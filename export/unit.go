@@ -1,0 +1,180 @@
+package export
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+// execute runs one unit and returns the parts it wrote.
+func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
+	req := &job.Request
+	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u.Seq),
+		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
+	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
+	if req.Since != nil {
+		q.Since = *req.Since
+	}
+	if req.Until != nil {
+		q.Until = *req.Until
+	}
+	scan := func(q kiln.ScanQuery) error {
+		sub := newSubsetter(q.Type, req.Elements)
+		return s.store.Scan(ctx, q, func(body []byte) error {
+			if sub != nil {
+				b, err := sub.apply(body)
+				if err != nil {
+					return err
+				}
+				body = b
+			}
+			return w.write("output", q.Type, body)
+		})
+	}
+	var err error
+	switch u.Kind {
+	case kiln.UnitType:
+		q.Type, q.From, q.To = u.Type, u.From, u.To
+		err = scan(q)
+	case kiln.UnitPatients:
+		q.Job, q.PatientLo, q.PatientHi = job.ID, u.PatientLo, u.PatientHi
+		for _, t := range u.Types {
+			q.Type = t
+			if err = scan(q); err != nil {
+				break
+			}
+		}
+	case kiln.UnitSupporting:
+		q.Job, q.Type, q.Supporting = job.ID, u.Type, true
+		err = scan(q)
+	case kiln.UnitDeleted:
+		until := job.TransactionTime
+		if req.Until != nil && req.Until.Before(until) {
+			until = *req.Until
+		}
+		scope := ""
+		if req.Level != kiln.LevelSystem && !(req.Level == kiln.LevelPatient && len(req.Patients) == 0) {
+			scope = job.ID
+		}
+		err = s.store.Deletions(ctx, u.Types, *req.Since, until, scope, func(d kiln.Deleted) error {
+			return w.write("deleted", "Bundle", deletedBundle(d))
+		})
+	case kiln.UnitErrors:
+		for _, is := range req.Warnings {
+			if err = w.write("error", "OperationOutcome", outcomeLine(is)); err != nil {
+				break
+			}
+		}
+	default:
+		err = fmt.Errorf("unknown unit kind %q", u.Kind)
+	}
+	if err != nil {
+		w.abort()
+		return nil, err
+	}
+	return w.close()
+}
+
+func deletedBundle(d kiln.Deleted) []byte {
+	b := []byte(`{"resourceType":"Bundle","type":"transaction","meta":{"lastUpdated":`)
+	b = fhir.AppendString(b, fhir.FormatInstant(d.LastUpdated))
+	b = append(b, `},"entry":[{"request":{"method":"DELETE","url":`...)
+	b = fhir.AppendString(b, d.Type+"/"+d.ID)
+	return append(b, `}}]}`...)
+}
+
+func outcomeLine(is kiln.Issue) []byte {
+	b := []byte(`{"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"processing","diagnostics":`)
+	b = fhir.AppendString(b, is.Message)
+	if is.Expression != "" {
+		b = append(b, `,"expression":[`...)
+		b = fhir.AppendString(b, is.Expression)
+		b = append(b, ']')
+	}
+	return append(b, `}]}`...)
+}
+
+// ErrorLine is an OperationOutcome line for an error file.
+func ErrorLine(is kiln.Issue) []byte { return outcomeLine(is) }
+
+type openPart struct {
+	part kiln.Part
+	w    io.WriteCloser
+}
+
+// partWriter writes a unit's lines into parts, one open part per kind and
+// type, starting a new part when one reaches the file limits.
+type partWriter struct {
+	ctx      context.Context
+	sink     kiln.Sink
+	job      string
+	prefix   string
+	maxCount int64
+	maxBytes int64
+	open     map[string]*openPart
+	done     []kiln.Part
+	n        int
+}
+
+var newline = []byte{'\n'}
+
+func (w *partWriter) write(kind, typ string, line []byte) error {
+	key := kind + "/" + typ
+	p := w.open[key]
+	if p != nil && (p.part.Count >= w.maxCount || p.part.Bytes+int64(len(line))+1 > w.maxBytes && p.part.Count > 0) {
+		if err := p.w.Close(); err != nil {
+			return fmt.Errorf("write export part %s: %w", p.part.Name, err)
+		}
+		w.done = append(w.done, p.part)
+		delete(w.open, key)
+		p = nil
+	}
+	if p == nil {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
+		w.n++
+		name := fmt.Sprintf("%s%s-%s-%03d.ndjson", w.prefix, kind, typ, w.n)
+		f, err := w.sink.Create(w.ctx, w.job, name)
+		if err != nil {
+			return err
+		}
+		p = &openPart{part: kiln.Part{Type: typ, Name: name, Kind: kind}, w: f}
+		w.open[key] = p
+	}
+	if _, err := p.w.Write(line); err != nil {
+		return fmt.Errorf("write export part %s: %w", p.part.Name, err)
+	}
+	if _, err := p.w.Write(newline); err != nil {
+		return fmt.Errorf("write export part %s: %w", p.part.Name, err)
+	}
+	p.part.Count++
+	p.part.Bytes += int64(len(line)) + 1
+	// Cancellation is checked every so often, not per line.
+	if p.part.Count%1024 == 0 {
+		return w.ctx.Err()
+	}
+	return nil
+}
+
+func (w *partWriter) close() ([]kiln.Part, error) {
+	var firstErr error
+	for _, p := range w.open {
+		if err := p.w.Close(); err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("write export part %s: %w", p.part.Name, err)
+		}
+		w.done = append(w.done, p.part)
+	}
+	w.open = nil
+	return w.done, firstErr
+}
+
+func (w *partWriter) abort() {
+	for _, p := range w.open {
+		p.w.Close()
+	}
+	w.open = nil
+}

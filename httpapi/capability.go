@@ -1,0 +1,78 @@
+package httpapi
+
+import (
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+type capOperation struct {
+	Name       string `json:"name"`
+	Definition string `json:"definition"`
+}
+
+type capSearchParam struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
+}
+
+type capInteraction struct {
+	Code string `json:"code"`
+}
+
+type capResource struct {
+	Type         string           `json:"type"`
+	Interaction  []capInteraction `json:"interaction"`
+	Versioning   string           `json:"versioning"`
+	ReadHistory  bool             `json:"readHistory"`
+	UpdateCreate bool             `json:"updateCreate"`
+	SearchParam  []capSearchParam `json:"searchParam"`
+	Operation    []capOperation   `json:"operation,omitempty"`
+}
+
+var resourceInteractions = []capInteraction{{"read"}, {"vread"}, {"update"}, {"delete"}, {"history-instance"}, {"create"}, {"search-type"}}
+
+var searchParams = []capSearchParam{{"_id", "token"}, {"identifier", "token"}, {"_lastUpdated", "date"}}
+
+var capResources = sync.OnceValue(func() []capResource {
+	var out []capResource
+	for _, t := range fhir.R4().Resources {
+		r := capResource{Type: t, Interaction: resourceInteractions, Versioning: "versioned", ReadHistory: true, UpdateCreate: true, SearchParam: searchParams}
+		switch t {
+		case "Patient":
+			r.Operation = []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}}
+		case "Group":
+			r.Operation = []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}}
+		}
+		out = append(out, r)
+	}
+	return out
+})
+
+// metadata answers the CapabilityStatement: what this server really does.
+func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
+	cs := map[string]any{
+		"resourceType": "CapabilityStatement",
+		"status":       "active",
+		"date":         time.Now().UTC().Format("2006-01-02"),
+		"kind":         "instance",
+		"instantiates": []string{"http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"},
+		"software":     map[string]string{"name": "Kiln", "version": kiln.Version},
+		"implementation": map[string]string{
+			"description": "Kiln FHIR R4 server",
+			"url":         s.publicURL(r, s.cfg.BasePath),
+		},
+		"fhirVersion": "4.0.1",
+		"format":      []string{"application/fhir+json", "json"},
+		"rest": []map[string]any{{
+			"mode":        "server",
+			"interaction": []capInteraction{{"transaction"}, {"batch"}},
+			"resource":    capResources(),
+			"operation":   []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}},
+		}},
+	}
+	writeJSON(w, http.StatusOK, fhirJSON, cs)
+}

@@ -1,0 +1,240 @@
+package httpapi
+
+import (
+	"compress/gzip"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+// principal names the caller; without authentication everyone is "anonymous".
+func principal(r *http.Request) string { return "anonymous" }
+
+func (s *Server) kickOff(level string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var body []byte
+		if r.Method == http.MethodPost {
+			var err error
+			if body, err = readBody(r); err != nil {
+				s.writeError(w, r, err)
+				return
+			}
+		}
+		k := export.KickOff{
+			Level:       level,
+			URL:         s.publicURL(r, r.URL.RequestURI()),
+			Query:       r.URL.Query(),
+			ContentType: r.Header.Get("Content-Type"),
+			Body:        body,
+			Prefer:      strings.Join(r.Header.Values("Prefer"), ","),
+			Accept:      r.Header.Get("Accept"),
+		}
+		if level == kiln.LevelGroup {
+			k.GroupID = r.PathValue("id")
+			if !fhir.ValidID(k.GroupID) {
+				s.writeError(w, r, kiln.Invalid("id", "Group id %q is not valid", k.GroupID))
+				return
+			}
+		}
+		req, err := export.ParseKickOff(k)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		job, err := s.exports.Start(r.Context(), req, principal(r))
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		w.Header().Set("Content-Location", s.publicURL(r, s.cfg.BasePath+"/$export/"+job.ID))
+		msg := fmt.Sprintf("export %s accepted; poll the Content-Location for its status", job.ID)
+		if len(req.Warnings) > 0 {
+			msg += fmt.Sprintf(" (%d ignored parameters are listed in the error file)", len(req.Warnings))
+		}
+		writeOutcome(w, http.StatusAccepted, "information", "informational", msg)
+	}
+}
+
+// throttled counts polls that come sooner than half of Retry-After; after
+// PollBurst of them in a row the client gets 429.
+func (s *Server) throttled(job string) bool {
+	if s.cfg.PollBurst < 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	p := s.polls[job]
+	if p == nil {
+		if len(s.polls) > 10_000 {
+			s.polls = map[string]*pollState{} // forget old jobs rather than grow without bound
+		}
+		p = &pollState{}
+		s.polls[job] = p
+	} else if now.Sub(p.last) < time.Duration(s.cfg.RetryAfter)*time.Second/2 {
+		p.early++
+	} else {
+		p.early = 0
+	}
+	p.last = now
+	return p.early > s.cfg.PollBurst
+}
+
+func (s *Server) forgetPolls(job string) {
+	s.mu.Lock()
+	delete(s.polls, job)
+	s.mu.Unlock()
+}
+
+func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("job")
+	j, err := s.exports.Job(r.Context(), id)
+	if err != nil || j.Owner != principal(r) {
+		if err == nil || kiln.ErrorCode(err) == kiln.ENOTFOUND {
+			err = kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
+		}
+		s.writeError(w, r, err)
+		return
+	}
+	retry := strconv.Itoa(s.cfg.RetryAfter)
+	switch j.State {
+	case kiln.JobAccepted, kiln.JobInProgress:
+		if s.throttled(id) {
+			w.Header().Set("Retry-After", retry)
+			writeOutcome(w, http.StatusTooManyRequests, "error", "throttled", fmt.Sprintf("polling too often: wait %s seconds between status requests", retry))
+			return
+		}
+		w.Header().Set("Retry-After", retry)
+		progress := string(j.State)
+		if j.State == kiln.JobInProgress {
+			progress = fmt.Sprintf("in-progress (%d%%)", s.exports.Progress(r.Context(), j))
+		}
+		w.Header().Set("X-Progress", progress)
+		w.WriteHeader(http.StatusAccepted)
+	case kiln.JobFailed:
+		s.forgetPolls(id)
+		w.Header().Set("X-Progress", string(kiln.JobFailed))
+		writeOutcome(w, http.StatusInternalServerError, "error", "exception", j.Error)
+	case kiln.JobCompleted:
+		s.forgetPolls(id)
+		w.Header().Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
+		w.Header().Set("X-Progress", string(kiln.JobCompleted))
+		writeJSON(w, http.StatusOK, "application/json", s.manifest(r, j))
+	default:
+		s.writeError(w, r, kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id))
+	}
+}
+
+type manifestFile struct {
+	Type  string `json:"type"`
+	URL   string `json:"url"`
+	Count int64  `json:"count"`
+}
+
+type manifest struct {
+	TransactionTime     string         `json:"transactionTime"`
+	Request             string         `json:"request"`
+	RequiresAccessToken bool           `json:"requiresAccessToken"`
+	Output              []manifestFile `json:"output"`
+	Deleted             []manifestFile `json:"deleted"`
+	Error               []manifestFile `json:"error"`
+	// Errors repeats Error for Helix clients, which read that key.
+	Errors []manifestFile `json:"errors"`
+}
+
+func (s *Server) manifest(r *http.Request, j *kiln.Job) manifest {
+	m := manifest{
+		TransactionTime: fhir.FormatInstant(j.TransactionTime),
+		Request:         j.Request.RequestURL,
+		Output:          []manifestFile{},
+		Deleted:         []manifestFile{},
+		Error:           []manifestFile{},
+	}
+	for _, f := range j.Files {
+		mf := manifestFile{Type: f.Type, URL: s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), Count: f.Count}
+		switch f.Kind {
+		case "output":
+			m.Output = append(m.Output, mf)
+		case "deleted":
+			m.Deleted = append(m.Deleted, mf)
+		case "error":
+			m.Error = append(m.Error, mf)
+		}
+	}
+	m.Errors = m.Error
+	return m
+}
+
+func (s *Server) exportCancel(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("job")
+	j, err := s.exports.Job(r.Context(), id)
+	if err == nil && j.Owner != principal(r) {
+		err = kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
+	}
+	if err == nil {
+		err = s.exports.Cancel(r.Context(), id)
+	}
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.forgetPolls(id)
+	writeOutcome(w, http.StatusAccepted, "information", "informational", fmt.Sprintf("export %s cancelled; its files are removed", id))
+}
+
+func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
+	id, name := r.PathValue("job"), r.PathValue("name")
+	j, err := s.exports.Job(r.Context(), id)
+	if err == nil && (j.Owner != principal(r) || j.State != kiln.JobCompleted) {
+		err = kiln.Errorf(kiln.ENOTFOUND, "export job %s has no file %s", id, name)
+	}
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	rc, f, err := s.exports.OpenFile(r.Context(), j, name)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	defer rc.Close()
+	h := w.Header()
+	h.Set("Content-Type", fhirNDJSON)
+	h.Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
+	h.Set("Vary", "Accept-Encoding")
+	h.Set("X-Resource-Count", strconv.FormatInt(f.Count, 10))
+	var out io.Writer = w
+	if acceptsGzip(r) {
+		h.Set("Content-Encoding", "gzip")
+		gz, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		defer gz.Close()
+		out = gz
+	} else {
+		h.Set("Content-Length", strconv.FormatInt(f.Bytes, 10))
+	}
+	if r.Method == http.MethodHead {
+		return
+	}
+	buf := make([]byte, 256<<10)
+	if _, err := io.CopyBuffer(out, rc, buf); err != nil {
+		// Headers are gone; the client sees a short body. Log why.
+		s.log.Warn("export file download broke off", "job", id, "file", name, "err", err)
+	}
+}
+
+func acceptsGzip(r *http.Request) bool {
+	for _, part := range strings.Split(r.Header.Get("Accept-Encoding"), ",") {
+		enc, params, _ := strings.Cut(strings.TrimSpace(part), ";")
+		if strings.EqualFold(strings.TrimSpace(enc), "gzip") && !strings.Contains(strings.ReplaceAll(params, " ", ""), "q=0") {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,500 @@
+package httpapi
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/ingest"
+)
+
+func (s *Server) resourceType(w http.ResponseWriter, r *http.Request) (string, bool) {
+	t := r.PathValue("type")
+	if !fhir.R4().IsResourceType(t) {
+		writeOutcome(w, http.StatusNotFound, "error", "not-supported", fmt.Sprintf("%q is not an R4 resource type", t), "type")
+		return "", false
+	}
+	return t, true
+}
+
+func (s *Server) resourceID(w http.ResponseWriter, r *http.Request) (string, bool) {
+	id := r.PathValue("id")
+	if !fhir.ValidID(id) {
+		writeOutcome(w, http.StatusBadRequest, "error", "invalid", fmt.Sprintf("id %q is not 1-64 characters of A-Z, a-z, 0-9, '-' and '.'", id), "id")
+		return "", false
+	}
+	return id, true
+}
+
+func checkContentType(r *http.Request) error {
+	ct := r.Header.Get("Content-Type")
+	if ct == "" {
+		return nil
+	}
+	mt, _, _ := strings.Cut(ct, ";")
+	switch strings.TrimSpace(strings.ToLower(mt)) {
+	case "application/fhir+json", "application/json", "application/json+fhir":
+		return nil
+	}
+	return &kiln.Error{Code: kiln.EUNSUPPORTED, Message: fmt.Sprintf("Content-Type %q is not supported: send application/fhir+json", ct), Expression: []string{"Content-Type"}}
+}
+
+// parseResource reads and validates the body as a resource of type typ.
+func (s *Server) parseResource(r *http.Request, typ string) (*fhir.Parsed, error) {
+	if err := checkContentType(r); err != nil {
+		return nil, err
+	}
+	body, err := readBody(r)
+	if err != nil {
+		return nil, err
+	}
+	p, err := fhir.Parse(body)
+	if err != nil {
+		return nil, err
+	}
+	if p.Type != typ {
+		return nil, kiln.Invalid("resourceType", "resourceType %q does not match the URL's %s", p.Type, typ)
+	}
+	return p, nil
+}
+
+func (s *Server) writeResource(w http.ResponseWriter, r *http.Request, status int, res *kiln.Resource) {
+	h := w.Header()
+	h.Set("Content-Type", fhirJSON)
+	h.Set("ETag", fmt.Sprintf(`W/"%d"`, res.Version))
+	h.Set("Last-Modified", res.LastUpdated.UTC().Format(http.TimeFormat))
+	if status == http.StatusCreated {
+		h.Set("Location", s.publicURL(r, fmt.Sprintf("%s/%s/%s/_history/%d", s.cfg.BasePath, res.Type, res.ID, res.Version)))
+	}
+	w.WriteHeader(status)
+	w.Write(res.Body)
+}
+
+func (s *Server) create(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	p, err := s.parseResource(r, typ)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	wr := fhir.Prepare(p, uuid.NewString(), s.refOptions(r))
+	wr.Kind = kiln.Create
+	res, err := s.store.Write(r.Context(), []kiln.Write{wr})
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeResource(w, r, http.StatusCreated, &res[0].Resource)
+}
+
+func ifMatch(r *http.Request) (int64, error) {
+	v := r.Header.Get("If-Match")
+	if v == "" {
+		return 0, nil
+	}
+	v = strings.Trim(strings.TrimPrefix(strings.TrimSpace(v), "W/"), `"`)
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < 1 {
+		return 0, kiln.Invalid("If-Match", "If-Match %q is not a version ETag such as W/\"3\"", r.Header.Get("If-Match"))
+	}
+	return n, nil
+}
+
+func (s *Server) update(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	p, err := s.parseResource(r, typ)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if p.ID != "" && p.ID != id {
+		s.writeError(w, r, kiln.Invalid(typ+".id", "resource id %q does not match the URL's %q", p.ID, id))
+		return
+	}
+	wr := fhir.Prepare(p, id, s.refOptions(r))
+	if wr.IfMatch, err = ifMatch(r); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	res, err := s.store.Write(r.Context(), []kiln.Write{wr})
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := res[0]
+	if out.Unchanged {
+		cur, err := s.store.Read(r.Context(), typ, id)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		s.writeResource(w, r, http.StatusOK, cur)
+		return
+	}
+	status := http.StatusOK
+	if out.Created {
+		status = http.StatusCreated
+	}
+	s.writeResource(w, r, status, &out.Resource)
+}
+
+func (s *Server) read(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	res, err := s.store.Read(r.Context(), typ, id)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeResource(w, r, http.StatusOK, res)
+}
+
+func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	v, err := strconv.ParseInt(r.PathValue("vid"), 10, 64)
+	if err != nil || v < 1 {
+		writeOutcome(w, http.StatusBadRequest, "error", "invalid", fmt.Sprintf("version %q is not a positive whole number", r.PathValue("vid")), "vid")
+		return
+	}
+	res, err := s.store.ReadVersion(r.Context(), typ, id, v)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeResource(w, r, http.StatusOK, res)
+}
+
+func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	if _, err := s.store.Write(r.Context(), []kiln.Write{{Kind: kiln.Delete, Type: typ, ID: id}}); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// bundleEntry is written by hand so that stored bytes go out unchanged.
+func appendEntry(buf *bytes.Buffer, fullURL string, body []byte, extra string) {
+	if buf.Len() > 0 && buf.Bytes()[buf.Len()-1] != '[' {
+		buf.WriteByte(',')
+	}
+	buf.WriteByte('{')
+	if fullURL != "" {
+		buf.WriteString(`"fullUrl":`)
+		buf.Write(fhir.AppendString(nil, fullURL))
+		buf.WriteByte(',')
+	}
+	if body != nil {
+		buf.WriteString(`"resource":`)
+		buf.Write(body)
+		if extra != "" {
+			buf.WriteByte(',')
+		}
+	}
+	buf.WriteString(extra)
+	buf.WriteByte('}')
+}
+
+func (s *Server) history(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	versions, err := s.store.History(r.Context(), typ, id)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, `{"resourceType":"Bundle","type":"history","total":%d,"entry":[`, len(versions))
+	for _, v := range versions {
+		full := s.publicURL(r, fmt.Sprintf("%s/%s/%s", s.cfg.BasePath, typ, id))
+		method, status := "PUT", "200"
+		if v.Version == 1 {
+			method, status = "POST", "201"
+		}
+		if v.Deleted {
+			method, status = "DELETE", "204"
+			appendEntry(&buf, full, nil, fmt.Sprintf(`"request":{"method":"DELETE","url":"%s/%s"},"response":{"status":"%s","etag":"W/\"%d\"","lastModified":"%s"}`, typ, id, status, v.Version, fhir.FormatInstant(v.LastUpdated)))
+			continue
+		}
+		url := typ
+		if method == "PUT" {
+			url = typ + "/" + id
+		}
+		appendEntry(&buf, full, v.Body, fmt.Sprintf(`"request":{"method":"%s","url":"%s"},"response":{"status":"%s","etag":"W/\"%d\"","lastModified":"%s"}`, method, url, status, v.Version, fhir.FormatInstant(v.LastUpdated)))
+	}
+	buf.WriteString("]}")
+	w.Header().Set("Content-Type", fhirJSON)
+	w.Write(buf.Bytes())
+}
+
+// search answers the minimal search: _id, identifier, _lastUpdated, _count.
+// Unknown parameters are refused (400) rather than silently ignored.
+func (s *Server) search(w http.ResponseWriter, r *http.Request) {
+	typ, ok := s.resourceType(w, r)
+	if !ok {
+		return
+	}
+	q := kiln.SearchQuery{Type: typ, Count: 50}
+	vals := r.URL.Query()
+	for name, vs := range vals {
+		switch name {
+		case "_id":
+			for _, v := range vs {
+				q.IDs = append(q.IDs, strings.Split(v, ",")...)
+			}
+			if len(vs) > 1 {
+				s.writeError(w, r, kiln.Invalid("_id", "repeat _id only as a comma-separated list"))
+				return
+			}
+		case "identifier":
+			if len(vs) > 1 {
+				s.writeError(w, r, kiln.Invalid("identifier", "identifier may be given once (use a comma-separated list for OR)"))
+				return
+			}
+			q.Identifier = strings.Split(vs[0], ",")
+			if len(q.Identifier) > 1 {
+				s.writeError(w, r, kiln.Invalid("identifier", "identifier with several values is not supported"))
+				return
+			}
+		case "_lastUpdated":
+			for _, v := range vs {
+				if err := lastUpdated(&q, v); err != nil {
+					s.writeError(w, r, err)
+					return
+				}
+			}
+		case "_count":
+			n, err := strconv.Atoi(vs[0])
+			if err != nil || n < 0 || n > 1000 {
+				s.writeError(w, r, kiln.Invalid("_count", "_count must be a whole number from 0 to 1000, got %q", vs[0]))
+				return
+			}
+			q.Count = n
+		case "_cursor":
+			n, err := strconv.ParseInt(vs[0], 10, 64)
+			if err != nil || n < 0 {
+				s.writeError(w, r, kiln.Invalid("_cursor", "_cursor %q is not one this server gave out", vs[0]))
+				return
+			}
+			q.After = n
+		case "_format":
+		default:
+			s.writeError(w, r, kiln.Invalid(name, "search parameter %q is not supported on %s (supported: _id, identifier, _lastUpdated, _count)", name, typ))
+			return
+		}
+	}
+	page, err := s.store.Search(r.Context(), q)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	self := s.publicURL(r, r.URL.Path) + "?" + vals.Encode()
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, `{"resourceType":"Bundle","type":"searchset","total":%d,"link":[{"relation":"self","url":%s}`, page.Total, fhir.AppendString(nil, self))
+	if page.Next > 0 {
+		next := cloneValues(vals)
+		next.Set("_cursor", strconv.FormatInt(page.Next, 10))
+		fmt.Fprintf(&buf, `,{"relation":"next","url":%s}`, fhir.AppendString(nil, s.publicURL(r, r.URL.Path)+"?"+next.Encode()))
+	}
+	buf.WriteString(`],"entry":[`)
+	for _, res := range page.Resources {
+		appendEntry(&buf, s.publicURL(r, fmt.Sprintf("%s/%s/%s", s.cfg.BasePath, typ, res.ID)), res.Body, `"search":{"mode":"match"}`)
+	}
+	buf.WriteString("]}")
+	w.Header().Set("Content-Type", fhirJSON)
+	w.Write(buf.Bytes())
+}
+
+func cloneValues(v url.Values) url.Values {
+	out := url.Values{}
+	for k, vs := range v {
+		out[k] = append([]string(nil), vs...)
+	}
+	return out
+}
+
+// lastUpdated narrows q by one _lastUpdated value (prefix + date).
+func lastUpdated(q *kiln.SearchQuery, v string) error {
+	prefix := "eq"
+	if len(v) > 2 && v[0] >= 'a' && v[0] <= 'z' {
+		prefix, v = v[:2], v[2:]
+	}
+	start, end, _, err := fhir.ParseDateTime(v)
+	if err != nil {
+		return kiln.Invalid("_lastUpdated", "_lastUpdated: %v", err)
+	}
+	lower := func(t time.Time) {
+		if q.UpdatedAfter.IsZero() || t.After(q.UpdatedAfter) {
+			q.UpdatedAfter, q.UpdatedGE = t, true
+		}
+	}
+	upper := func(t time.Time) {
+		if q.UpdatedBefore.IsZero() || t.Before(q.UpdatedBefore) {
+			q.UpdatedBefore, q.UpdatedLE = t, false
+		}
+	}
+	switch prefix {
+	case "eq":
+		lower(start)
+		upper(end)
+	case "ge":
+		lower(start)
+	case "gt":
+		lower(end)
+	case "le":
+		upper(end)
+	case "lt":
+		upper(start)
+	default:
+		return kiln.Invalid("_lastUpdated", "_lastUpdated prefix %q is not supported (eq, gt, ge, lt, le)", prefix)
+	}
+	return nil
+}
+
+// bundle processes a batch or transaction Bundle. A transaction is atomic:
+// any bad entry or failed write stores nothing.
+func (s *Server) bundle(w http.ResponseWriter, r *http.Request) {
+	if err := checkContentType(r); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	body, err := readBody(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		s.writeError(w, r, kiln.Invalid("body", "body is not a JSON object: %v", err))
+		return
+	}
+	if p, err := fhir.FromMap(m); err != nil {
+		s.writeError(w, r, err)
+		return
+	} else if p.Type != "Bundle" {
+		s.writeError(w, r, kiln.Invalid("resourceType", "POST to the base takes a Bundle, got %s", p.Type))
+		return
+	}
+	kind, entries, err := ingest.PrepareBundle(m, ingest.BundleOptions{Ref: s.refOptions(r), NewID: uuid.NewString})
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	switch kind {
+	case "transaction":
+		writes := make([]kiln.Write, 0, len(entries))
+		for _, e := range entries {
+			if e.Err != nil {
+				s.writeError(w, r, e.Err)
+				return
+			}
+			writes = append(writes, e.Write)
+		}
+		res, err := s.store.Write(r.Context(), writes)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		var buf bytes.Buffer
+		buf.WriteString(`{"resourceType":"Bundle","type":"transaction-response","entry":[`)
+		for i, e := range entries {
+			appendEntry(&buf, "", nil, s.entryResponse(r, e, res[i], nil))
+		}
+		buf.WriteString("]}")
+		w.Header().Set("Content-Type", fhirJSON)
+		w.Write(buf.Bytes())
+	case "batch":
+		var buf bytes.Buffer
+		buf.WriteString(`{"resourceType":"Bundle","type":"batch-response","entry":[`)
+		for _, e := range entries {
+			var res kiln.WriteResult
+			err := e.Err
+			if err == nil {
+				var out []kiln.WriteResult
+				if out, err = s.store.Write(r.Context(), []kiln.Write{e.Write}); err == nil {
+					res = out[0]
+				}
+			}
+			appendEntry(&buf, "", nil, s.entryResponse(r, e, res, err))
+		}
+		buf.WriteString("]}")
+		w.Header().Set("Content-Type", fhirJSON)
+		w.Write(buf.Bytes())
+	default:
+		s.writeError(w, r, kiln.Invalid("Bundle.type", "Bundle.type must be batch or transaction, got %q", kind))
+	}
+}
+
+func (s *Server) entryResponse(r *http.Request, e ingest.Entry, res kiln.WriteResult, err error) string {
+	if err != nil {
+		m, ok := errorMap[kiln.ErrorCode(err)]
+		if !ok {
+			m = errorMap[kiln.EINTERNAL]
+		}
+		oo, _ := json.Marshal(outcome{ResourceType: "OperationOutcome", Issue: []issue{{Severity: "error", Code: m.code, Diagnostics: kiln.ErrorMessage(err)}}})
+		return fmt.Sprintf(`"response":{"status":"%d","outcome":%s}`, m.status, oo)
+	}
+	status := "200"
+	switch {
+	case e.Write.Kind == kiln.Delete:
+		status = "204"
+	case res.Created:
+		status = "201"
+	}
+	loc := ""
+	if e.Write.Kind != kiln.Delete {
+		loc = fmt.Sprintf(`"location":%s,`, fhir.AppendString(nil, fmt.Sprintf("%s/%s/_history/%d", res.Type, res.ID, res.Version)))
+	}
+	lm := ""
+	if !res.LastUpdated.IsZero() {
+		lm = fmt.Sprintf(`,"lastModified":"%s"`, fhir.FormatInstant(res.LastUpdated))
+	}
+	return fmt.Sprintf(`"response":{"status":"%s",%s"etag":"W/\"%d\""%s}`, status, loc, res.Version, lm)
+}

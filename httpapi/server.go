@@ -1,0 +1,212 @@
+// Package httpapi is Kiln's HTTP interface: the FHIR REST API under the base
+// path, bulk export kick-off, status, cancel and file download, metadata and
+// health checks. It translates domain errors into OperationOutcomes.
+package httpapi
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+const (
+	fhirJSON   = "application/fhir+json"
+	fhirNDJSON = "application/fhir+ndjson"
+)
+
+// Config tunes the HTTP interface.
+type Config struct {
+	// BasePath is the FHIR base path (default /4_0_0).
+	BasePath string
+	// PublicURL is the scheme and host clients reach Kiln at, used in
+	// Content-Location, manifest and Location URLs (default: from the request's Host).
+	PublicURL string
+	// MaxBodyBytes limits request bodies (default 16 MiB).
+	MaxBodyBytes int64
+	// RetryAfter is the delay, in seconds, status responses ask for (default 2).
+	RetryAfter int
+	// PollBurst is how many status polls in a row may come sooner than half
+	// of Retry-After before they get 429 (default 10; negative disables).
+	PollBurst int
+	Logger    *slog.Logger
+}
+
+// Store is what the REST API needs.
+type Store interface {
+	kiln.ResourceStore
+}
+
+// Server is the HTTP handler.
+type Server struct {
+	store   Store
+	exports *export.Service
+	cfg     Config
+	log     *slog.Logger
+	mux     *http.ServeMux
+	ready   func() error
+
+	mu    sync.Mutex
+	polls map[string]*pollState
+}
+
+type pollState struct {
+	last  time.Time
+	early int
+}
+
+// New returns the handler. ready reports whether the server can take traffic.
+func New(store Store, exports *export.Service, cfg Config, ready func() error) *Server {
+	if cfg.BasePath == "" {
+		cfg.BasePath = "/4_0_0"
+	}
+	cfg.BasePath = "/" + strings.Trim(cfg.BasePath, "/")
+	cfg.PublicURL = strings.TrimSuffix(cfg.PublicURL, "/")
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = 16 << 20
+	}
+	if cfg.RetryAfter <= 0 {
+		cfg.RetryAfter = 2
+	}
+	if cfg.PollBurst == 0 {
+		cfg.PollBurst = 10
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if ready == nil {
+		ready = func() error { return nil }
+	}
+	s := &Server{store: store, exports: exports, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), ready: ready, polls: map[string]*pollState{}}
+	s.routes()
+	return s
+}
+
+func (s *Server) routes() {
+	b := s.cfg.BasePath
+	h := s.mux.HandleFunc
+	h("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	h("GET /readyz", s.readyz)
+	h("GET "+b+"/metadata", s.metadata)
+
+	for _, m := range []string{"GET", "POST"} {
+		h(m+" "+b+"/$export", s.kickOff(kiln.LevelSystem))
+		h(m+" "+b+"/Patient/$export", s.kickOff(kiln.LevelPatient))
+		h(m+" "+b+"/Group/{id}/$export", s.kickOff(kiln.LevelGroup))
+	}
+	h("GET "+b+"/$export/{job}", s.exportStatus)
+	h("DELETE "+b+"/$export/{job}", s.exportCancel)
+	h("GET "+b+"/$export/{job}/file/{name}", s.exportFile)
+
+	h("POST "+b+"/{$}", s.bundle)
+	h("POST "+b, s.bundle)
+	h("GET "+b+"/{type}", s.search)
+	h("POST "+b+"/{type}", s.create)
+	h("GET "+b+"/{type}/{id}", s.read)
+	h("PUT "+b+"/{type}/{id}", s.update)
+	h("DELETE "+b+"/{type}/{id}", s.delete)
+	h("GET "+b+"/{type}/{id}/_history", s.history)
+	h("GET "+b+"/{type}/{id}/_history/{vid}", s.vread)
+	h("/", func(w http.ResponseWriter, r *http.Request) {
+		writeOutcome(w, http.StatusNotFound, "error", "not-found", fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path))
+	})
+}
+
+// ServeHTTP adds a request id, recovers panics as 500 OperationOutcomes and logs each request.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	id := r.Header.Get("X-Request-Id")
+	if id == "" || len(id) > 64 {
+		var b [8]byte
+		rand.Read(b[:])
+		id = hex.EncodeToString(b[:])
+	}
+	w.Header().Set("X-Request-Id", id)
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	defer func() {
+		if p := recover(); p != nil {
+			if p == http.ErrAbortHandler {
+				panic(p)
+			}
+			s.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "request", id, "panic", fmt.Sprint(p))
+			if !rec.wrote {
+				writeOutcome(rec, http.StatusInternalServerError, "error", "exception", "internal error (request "+id+")")
+			}
+		}
+		s.log.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "request", id, "ms", time.Since(start).Milliseconds())
+	}()
+	r.Body = http.MaxBytesReader(rec, r.Body, s.cfg.MaxBodyBytes)
+	s.mux.ServeHTTP(rec, r)
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	wrote  bool
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if !r.wrote {
+		r.status, r.wrote = code, true
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	r.wrote = true
+	return r.ResponseWriter.Write(b)
+}
+
+func (r *statusRecorder) Flush() {
+	if f, ok := r.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	if err := s.ready(); err != nil {
+		writeOutcome(w, http.StatusServiceUnavailable, "error", "transient", "not ready: "+err.Error())
+		return
+	}
+	w.Write([]byte("ready\n"))
+}
+
+// publicURL is the absolute URL of path on this server.
+func (s *Server) publicURL(r *http.Request, path string) string {
+	if s.cfg.PublicURL != "" {
+		return s.cfg.PublicURL + path
+	}
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + r.Host + path
+}
+
+// RefOptions returns how references to this server are recognised, for a request.
+func (s *Server) refOptions(r *http.Request) fhir.Options {
+	return fhir.Options{Bases: []string{s.publicURL(r, s.cfg.BasePath)}}
+}
+
+// readBody reads the request body within the size limit.
+func readBody(r *http.Request) ([]byte, error) {
+	b, err := io.ReadAll(r.Body)
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return nil, &kiln.Error{Code: kiln.ETOOLARGE, Message: fmt.Sprintf("request body is larger than the limit of %d bytes", mbe.Limit)}
+	}
+	if err != nil {
+		return nil, kiln.Invalid("body", "request body could not be read: %v", err)
+	}
+	return b, nil
+}

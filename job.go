@@ -1,0 +1,167 @@
+package kiln
+
+import (
+	"context"
+	"io"
+	"time"
+)
+
+// JobState is an export job's status; the values are the X-Progress words Helix clients know.
+type JobState string
+
+const (
+	JobAccepted   JobState = "accepted"
+	JobInProgress JobState = "in-progress"
+	JobCompleted  JobState = "completed"
+	JobFailed     JobState = "entered-in-error"
+	JobCancelled  JobState = "cancelled"
+)
+
+// Export levels.
+const (
+	LevelSystem  = "system"
+	LevelPatient = "patient"
+	LevelGroup   = "group"
+)
+
+// ExportRequest is a validated kick-off: what to export and how.
+type ExportRequest struct {
+	Level   string `json:"level"`
+	GroupID string `json:"groupId,omitempty"`
+	// RequestURL is the kick-off URL as the client sent it (for the manifest).
+	RequestURL string `json:"request"`
+	// Types is the _type list; empty means every type the client may read.
+	Types    []string   `json:"types,omitempty"`
+	Since    *time.Time `json:"since,omitempty"`
+	Until    *time.Time `json:"until,omitempty"`
+	Patients []string   `json:"patients,omitempty"`
+	// Elements holds _elements as given: "element" or "Type.element".
+	Elements              []string `json:"elements,omitempty"`
+	OutputFormat          string   `json:"outputFormat"`
+	IncludeAssociatedData []string `json:"includeAssociatedData,omitempty"`
+	Lenient               bool     `json:"lenient,omitempty"`
+	// Warnings are problems ignored under Prefer: handling=lenient; each
+	// becomes an OperationOutcome line in the error file.
+	Warnings []Issue `json:"warnings,omitempty"`
+
+	PatientReferenceBatchSize int    `json:"patientReferenceBatchSize"`
+	FetchResourceBatchSize    int    `json:"fetchResourceBatchSize"`
+	UploadPartSize            int64  `json:"uploadPartSize"`
+	LogLevel                  string `json:"loglevel,omitempty"`
+	RequestsMemory            string `json:"requestsMemory,omitempty"`
+	LimitsMemory              string `json:"limitsMemory,omitempty"`
+	RAM                       string `json:"ram,omitempty"`
+	TTLSecondsAfterFinished   *int   `json:"ttlSecondsAfterFinished,omitempty"`
+}
+
+// Job is an export job as stored.
+type Job struct {
+	ID              string        `json:"id"`
+	Owner           string        `json:"owner"`
+	State           JobState      `json:"state"`
+	Request         ExportRequest `json:"request"`
+	TransactionTime time.Time     `json:"transactionTime"`
+	Created         time.Time     `json:"created"`
+	Updated         time.Time     `json:"updated"`
+	// Expires is when a finished job's files are removed.
+	Expires    time.Time `json:"expires,omitzero"`
+	Error      string    `json:"error,omitempty"`
+	UnitsTotal int       `json:"unitsTotal"`
+	UnitsDone  int       `json:"unitsDone"`
+	// Patients is the number of patients a Patient or Group export covers.
+	Patients int `json:"patients,omitempty"`
+	// Files are the manifest's files, set when the job completes.
+	Files []File `json:"files,omitempty"`
+}
+
+// File is one file of a manifest: consecutive parts of one type, served as one.
+type File struct {
+	Name  string   `json:"name"`
+	Type  string   `json:"type"`
+	Kind  string   `json:"kind"`
+	Count int64    `json:"count"`
+	Bytes int64    `json:"bytes"`
+	Parts []string `json:"parts"`
+}
+
+// Finished reports whether the job will do no more work.
+func (j *Job) Finished() bool {
+	return j.State == JobCompleted || j.State == JobFailed || j.State == JobCancelled
+}
+
+// Unit kinds.
+const (
+	UnitType       = "type"       // a keyset range of one type (system export)
+	UnitPatients   = "patients"   // a patient batch, all requested compartment types
+	UnitSupporting = "supporting" // non-compartment resources of the job's patients, one type
+	UnitDeleted    = "deleted"    // the deleted[] file of a _since export
+	UnitErrors     = "errors"     // the error file (lenient warnings, refused types)
+)
+
+// Unit is one piece of an export, run by one worker, written to its own parts.
+type Unit struct {
+	Job       string   `json:"job"`
+	Seq       int      `json:"seq"`
+	Kind      string   `json:"kind"`
+	Type      string   `json:"type,omitempty"`
+	Types     []string `json:"types,omitempty"`
+	From      Cursor   `json:"from"`
+	To        Cursor   `json:"to"`
+	PatientLo int      `json:"patientLo,omitempty"`
+	PatientHi int      `json:"patientHi,omitempty"`
+	Attempts  int      `json:"-"`
+}
+
+// Part is one file a unit wrote.
+type Part struct {
+	Type  string `json:"type"`
+	Name  string `json:"name"`
+	Count int64  `json:"count"`
+	Bytes int64  `json:"bytes"`
+	// Kind is "output", "deleted" or "error".
+	Kind string `json:"kind"`
+}
+
+// Sink stores export files. Names are unique within a job.
+type Sink interface {
+	// Create opens name for writing, replacing any earlier content; the file
+	// is complete and durable once Close returns nil.
+	Create(ctx context.Context, job, name string) (io.WriteCloser, error)
+	// Open reads a file; ENOTFOUND when it is missing.
+	Open(ctx context.Context, job, name string) (io.ReadCloser, error)
+	// RemovePrefix deletes the job's files whose names start with prefix.
+	RemovePrefix(ctx context.Context, job, prefix string) error
+	// RemoveJob deletes all of a job's files.
+	RemoveJob(ctx context.Context, job string) error
+}
+
+// JobStore keeps export jobs and their work units.
+type JobStore interface {
+	// CreateJob stores a new job with its patients (ordered) and units.
+	CreateJob(ctx context.Context, j *Job, units []Unit) error
+	// SetPatients records the job's patients in order; ordinals start at 0.
+	SetPatients(ctx context.Context, job string, ids []string) error
+	GetJob(ctx context.Context, id string) (*Job, error)
+	// UpdateJob reads, changes and writes a job in one transaction.
+	UpdateJob(ctx context.Context, id string, fn func(*Job) error) (*Job, error)
+	// DeleteJob removes a job, its units and patients.
+	DeleteJob(ctx context.Context, id string) error
+	// Jobs lists jobs in the given states (all when none).
+	Jobs(ctx context.Context, states ...JobState) ([]*Job, error)
+	// ClaimUnit hands a pending unit of a running job to a worker until the
+	// lease expires; nil when none is pending.
+	ClaimUnit(ctx context.Context, lease time.Duration) (*Unit, error)
+	// FinishUnit records a unit's parts and counts it done; it reports false
+	// when the unit was not running (its job was cancelled or its lease lost).
+	FinishUnit(ctx context.Context, u *Unit, parts []Part) (bool, error)
+	// ReleaseUnit puts a claimed unit back to pending (it will be redone).
+	ReleaseUnit(ctx context.Context, u *Unit) error
+	// ReleaseExpired puts units whose lease ran out back to pending.
+	ReleaseExpired(ctx context.Context) (int, error)
+	// Parts lists all finished units' parts in unit order.
+	Parts(ctx context.Context, job string) ([]Part, error)
+	// UnitCounts returns the number of units of job in all and done.
+	UnitCounts(ctx context.Context, job string) (total, done int, err error)
+	// Running counts unfinished jobs, in all and of owner.
+	Running(ctx context.Context, owner string) (all, mine int, err error)
+}

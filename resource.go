@@ -1,0 +1,175 @@
+package kiln
+
+import (
+	"context"
+	"time"
+)
+
+// AccessSystem is the meta.security coding system whose codes name the tenants
+// that may see a record; access/<code>.read scopes select by it.
+const AccessSystem = "https://www.icanbwell.com/access"
+
+// Resource is one stored version of a FHIR resource.
+type Resource struct {
+	Type        string
+	ID          string
+	Version     int64
+	LastUpdated time.Time
+	Deleted     bool
+	// Body is the compact JSON of the resource, meta.versionId and
+	// meta.lastUpdated included; nil for a deletion.
+	Body []byte
+}
+
+// Ref names a resource by type and id.
+type Ref struct {
+	Type string
+	ID   string
+}
+
+// WriteKind says what a write does.
+type WriteKind int
+
+const (
+	// Put creates the resource or makes a new version of it.
+	Put WriteKind = iota
+	// Create creates the resource and fails with ECONFLICT if the id is taken.
+	Create
+	// Delete leaves a tombstone; deleting a missing or deleted resource is a no-op.
+	Delete
+)
+
+// Write is one change in an atomic batch. The fhir package fills it from a
+// validated resource; stores only copy its fields into their indexes.
+type Write struct {
+	Kind WriteKind
+	Type string
+	ID   string
+	// Body is the canonical compact JSON without meta.versionId and
+	// meta.lastUpdated; MetaAt is the offset just inside the "meta" object
+	// where the store splices those two in, and MetaEmpty says whether the
+	// meta object had nothing else.
+	Body      []byte
+	MetaAt    int
+	MetaEmpty bool
+	// Hash identifies Body; a Put whose hash equals the current version's is a no-op.
+	Hash []byte
+	// Patients whose compartment holds this resource.
+	Patients []string
+	// Supporting are references to resources outside the compartment
+	// (Practitioner, Organization, …): exported with these patients' data.
+	Supporting []Ref
+	// PatientRefs are patients referenced by a resource that is outside the
+	// compartment (e.g. Device.patient): it is exported with their data.
+	PatientRefs []string
+	// AccessCodes are the meta.security codes of AccessSystem.
+	AccessCodes []string
+	// IfMatch, when non-zero, is the version the current one must have.
+	IfMatch int64
+}
+
+// WriteResult tells what a write did.
+type WriteResult struct {
+	Resource
+	Created bool
+	// Unchanged is true for a Put that matched the current version, and for
+	// a Delete of a missing or deleted resource.
+	Unchanged bool
+}
+
+// SearchQuery is the minimal REST search Kiln's store answers directly.
+type SearchQuery struct {
+	Type string
+	IDs  []string
+	// Identifier matches Resource.identifier as system|value, |value or value.
+	Identifier []string
+	// LastUpdated bounds; zero means open.
+	UpdatedAfter, UpdatedBefore time.Time
+	UpdatedGE, UpdatedLE        bool
+	Count                       int
+	// After is the keyset cursor returned by the previous page.
+	After int64
+}
+
+// SearchPage is a page of search results.
+type SearchPage struct {
+	Resources []Resource
+	// Next is the cursor for the next page, or 0 when this is the last one.
+	Next  int64
+	Total int
+}
+
+// ResourceStore keeps resources, their history, tombstones and the indexes
+// the exporter reads.
+type ResourceStore interface {
+	// Write applies ws atomically: all of them or none.
+	Write(ctx context.Context, ws []Write) ([]WriteResult, error)
+	// Read returns the current version; ENOTFOUND, or EGONE for a deleted one.
+	Read(ctx context.Context, typ, id string) (*Resource, error)
+	ReadVersion(ctx context.Context, typ, id string, version int64) (*Resource, error)
+	// History returns every version, newest first.
+	History(ctx context.Context, typ, id string) ([]Resource, error)
+	Search(ctx context.Context, q SearchQuery) (*SearchPage, error)
+	// Counts returns the number of current, non-deleted resources per type.
+	Counts(ctx context.Context) (map[string]int64, error)
+	// CompartmentOf lists the current resources in patient's compartment.
+	CompartmentOf(ctx context.Context, patient string) ([]Ref, error)
+	// SnapshotTime returns a time T such that every write committed so far has
+	// lastUpdated ≤ T and every later write has lastUpdated > T.
+	SnapshotTime(ctx context.Context) (time.Time, error)
+	Close() error
+}
+
+// ScanQuery selects the resources one export work unit reads, as they were
+// at Snapshot.
+type ScanQuery struct {
+	Type string
+	// Since and Until bound meta.lastUpdated: Since < lastUpdated ≤ Until
+	// (zero Since: no lower bound; Until is capped at Snapshot).
+	Since, Until, Snapshot time.Time
+	// For a system export: the (lastUpdated, rowid) keyset range
+	// (From, To]; zero To means to the end.
+	From, To Cursor
+	// For a Patient or Group export: the job's patients with ordinals
+	// PatientLo..PatientHi. Each resource is read by the batch holding the
+	// lowest-ordinal patient whose compartment holds it, so it is written once.
+	Job                  string
+	PatientLo, PatientHi int
+	// Supporting reads the non-compartment resources referenced by, or
+	// referencing, the job's patients instead of the compartment.
+	Supporting bool
+	// Batch is the number of resources read per query (fetchResourceBatchSize).
+	Batch int
+	// AccessCodes, when not nil, keeps only resources tagged with one of them.
+	AccessCodes []string
+}
+
+// Cursor is a keyset position in a type's (lastUpdated, rowid) order.
+type Cursor struct {
+	LastUpdated int64
+	Row         int64
+}
+
+// Deleted is a tombstone reported in a _since export.
+type Deleted struct {
+	Type        string
+	ID          string
+	LastUpdated time.Time
+}
+
+// ExportReader is what the export engine reads from a store.
+type ExportReader interface {
+	// Scan calls fn with the stored bytes of each selected resource, in
+	// batches of q.Batch, as of q.Snapshot. The bytes are valid only during the call.
+	Scan(ctx context.Context, q ScanQuery, fn func(body []byte) error) error
+	// SplitType returns keyset boundaries that cut type's resources (as of
+	// snapshot) into runs of about size resources.
+	SplitType(ctx context.Context, typ string, snapshot time.Time, size int) ([]Cursor, error)
+	// Deletions lists tombstones with since < deletion ≤ until of the given
+	// types; with job set, only those in the job's patients' compartments.
+	Deletions(ctx context.Context, types []string, since, until time.Time, job string, fn func(Deleted) error) error
+	// PatientsAt lists the ids of patients that existed at snapshot, among ids (all when nil).
+	PatientsAt(ctx context.Context, snapshot time.Time, ids []string) ([]string, error)
+	// TypesPresent lists the types that have any resource.
+	TypesPresent(ctx context.Context) ([]string, error)
+}
