@@ -80,4 +80,3 @@ func (s *subsetter) apply(body []byte) ([]byte, error) {
 	meta["tag"] = append(tags, subsettedTag)
 	return fhir.Encode(m), nil
 }
-

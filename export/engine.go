@@ -328,6 +328,9 @@ func (s *Service) Run(ctx context.Context) error {
 	}); ok {
 		n, err := r.ReleaseAll(ctx)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
 			return err
 		}
 		if n > 0 {
@@ -335,6 +338,9 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 	}
 	if err := s.recover(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	var wg sync.WaitGroup

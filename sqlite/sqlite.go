@@ -29,7 +29,7 @@ type DB struct {
 	floor int64
 	// nextRID is the next resource row id (0: read it from the table); guarded by mu.
 	nextRID int64
-	now   func() time.Time
+	now     func() time.Time
 }
 
 var schema = []string{

@@ -16,4 +16,4 @@ func splitList(s string) []string {
 	return out
 }
 
-func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error    { return nil }
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error { return nil }

@@ -1,0 +1,523 @@
+package httpapi_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/httpapi"
+	"github.com/kiln-fhir/kiln/storetest"
+)
+
+const syntheaGroup = "d9f31445-f448-48c0-af57-295c005e07df"
+
+// TestExportSynthea100 reproduces the ONC Inferno Bulk Data checks for the
+// three export levels, plus Kiln's own rules, on the 100-patient Synthea set.
+func TestExportSynthea100(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	e.load(dataDir(t, "synthea-r4-100"))
+	counts, err := e.db.Counts(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("Metadata", func(t *testing.T) {
+		r := e.do("GET", "/metadata", nil)
+		m := r.json(t)
+		if r.StatusCode != 200 || !slices.Contains(toStrings(m["instantiates"]), "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data") {
+			t.Fatalf("metadata: %d %v", r.StatusCode, m["instantiates"])
+		}
+		rest := m["rest"].([]any)[0].(map[string]any)
+		if op := rest["operation"].([]any)[0].(map[string]any); op["name"] != "export" {
+			t.Fatalf("system operation %v", op)
+		}
+		for _, res := range rest["resource"].([]any) {
+			rm := res.(map[string]any)
+			if rm["type"] == "Patient" || rm["type"] == "Group" {
+				if ops, _ := rm["operation"].([]any); len(ops) != 1 || ops[0].(map[string]any)["name"] != "export" {
+					t.Fatalf("%s declares operations %v", rm["type"], ops)
+				}
+			}
+		}
+	})
+
+	for _, level := range []struct{ name, path string }{
+		{"System", "/$export"},
+		{"Patient", "/Patient/$export"},
+		{"Group", "/Group/" + syntheaGroup + "/$export"},
+	} {
+		t.Run(level.name, func(t *testing.T) {
+			loc := e.kickOff("GET", level.path, nil)
+			r, m := e.wait(loc)
+			if r.StatusCode != 200 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
+				t.Fatalf("complete status: %d %q", r.StatusCode, r.Header.Get("Content-Type"))
+			}
+			if r.Header.Get("Expires") == "" {
+				t.Error("manifest without Expires")
+			}
+			var keys map[string]json.RawMessage
+			json.Unmarshal(r.body, &keys)
+			for _, k := range []string{"transactionTime", "request", "requiresAccessToken", "output", "error", "errors", "deleted"} {
+				if _, ok := keys[k]; !ok {
+					t.Errorf("manifest lacks %s", k)
+				}
+			}
+			if m.Request != e.base+level.path {
+				t.Errorf("request %q", m.Request)
+			}
+			got, lines := e.exportedLines(m)
+			referenced := map[string]int{}
+			for ref := range referencesIn(lines) {
+				referenced[strings.Split(ref, "/")[0]]++
+			}
+			if len(got["Patient"]) < 2 {
+				t.Fatalf("%d Patients", len(got["Patient"]))
+			}
+			for typ, ids := range got {
+				if n := len(slices.Compact(slices.Sorted(slices.Values(ids)))); n != len(ids) {
+					t.Errorf("%s: %d lines but %d distinct ids", typ, len(ids), n)
+				}
+				want := counts[typ]
+				if level.name != "System" && !fhir.R4().InCompartment(typ) && typ != "Device" {
+					// Outside the compartment, only what the patients' data references.
+					want = int64(referenced[typ])
+				}
+				if int64(len(ids)) != want {
+					t.Errorf("%s export of %s: %d, want %d", level.name, typ, len(ids), want)
+				}
+			}
+			if len(got) != len(counts) {
+				t.Errorf("%s export has %d types, store %d", level.name, len(got), len(counts))
+			}
+			// One file downloaded gzip'd equals its plain form.
+			plain, zipped := e.lines(m.Output[0].URL, false), e.lines(m.Output[0].URL, true)
+			if !slices.EqualFunc(plain, zipped, func(a, b []byte) bool { return string(a) == string(b) }) {
+				t.Error("gzip download differs")
+			}
+		})
+	}
+
+	t.Run("GroupPatientsAreMembers", func(t *testing.T) {
+		m := e.mustComplete(e.kickOff("GET", "/Group/"+syntheaGroup+"/$export?_type=Patient", nil))
+		got := e.exported(m)["Patient"]
+		var g struct {
+			Member []struct{ Entity struct{ Reference string } }
+		}
+		json.Unmarshal(e.do("GET", "/Group/"+syntheaGroup, nil).body, &g)
+		var want []string
+		for _, mb := range g.Member {
+			want = append(want, strings.TrimPrefix(mb.Entity.Reference, "Patient/"))
+		}
+		sort.Strings(got)
+		sort.Strings(want)
+		if !slices.Equal(got, want) {
+			t.Fatalf("exported %d patients, group has %d", len(got), len(want))
+		}
+	})
+
+	t.Run("OutputFormats", func(t *testing.T) {
+		for _, f := range []string{"application/fhir+ndjson", "application/ndjson", "ndjson"} {
+			loc := e.kickOff("GET", "/$export?_type=Patient&_outputFormat="+url.QueryEscape(f), nil)
+			if r := e.do("DELETE", loc, nil); r.StatusCode != http.StatusAccepted {
+				t.Fatalf("DELETE after %s: %d %s", f, r.StatusCode, r.body)
+			}
+		}
+	})
+
+	t.Run("Since", func(t *testing.T) {
+		since := time.Now().Add(-time.Hour).UTC().Format("2006-01-02T15:04:05Z")
+		loc := e.kickOff("GET", "/$export?_type=Patient&_since="+since, nil)
+		m := e.mustComplete(loc)
+		if len(e.exported(m)["Patient"]) != 100 {
+			t.Fatal("_since an hour ago should include the freshly loaded patients")
+		}
+		m = e.mustComplete(e.kickOff("GET", "/$export?_type=Patient&_since="+url.QueryEscape(m.TransactionTime), nil))
+		if len(m.Output) != 0 {
+			t.Fatalf("_since the last transactionTime: %+v", m.Output)
+		}
+	})
+
+	t.Run("HelixSeedExample", func(t *testing.T) {
+		// The seed's example: POST with query parameters, a Content-Type and no body.
+		loc := e.kickOff("POST", "/$export?_since=2023-10-10&_type=Patient", nil, "Content-Type", "application/fhir+json")
+		r, m := e.wait(loc)
+		if r.StatusCode != 200 || r.Header.Get("X-Progress") != "completed" {
+			t.Fatalf("status %d X-Progress %q", r.StatusCode, r.Header.Get("X-Progress"))
+		}
+		if len(m.Output) != 1 || m.Output[0].Type != "Patient" || m.Errors == nil || len(m.Errors) != len(m.Error) {
+			t.Fatalf("manifest %+v", m)
+		}
+		// The seed's own spelling of _type in its flow description.
+		m = e.mustComplete(e.kickOff("POST", "/Patient/$export?_since=2023-10-10&type=Patient&patient=patient/"+firstPatient(t, e), nil))
+		if len(m.Output) != 1 || m.Output[0].Count != 1 {
+			t.Fatalf("type=Patient&patient=patient/x: %+v", m.Output)
+		}
+	})
+
+	t.Run("TypeAndElements", func(t *testing.T) {
+		m := e.mustComplete(e.kickOff("GET", "/Patient/$export?_type=Patient,Condition&_elements=Patient.gender,Condition.code", nil))
+		if len(m.Output) != 2 {
+			t.Fatalf("outputs %+v", m.Output)
+		}
+		for _, it := range m.Output {
+			for _, l := range e.lines(it.URL, false) {
+				var r map[string]any
+				json.Unmarshal(l, &r)
+				allowed := map[string]bool{"resourceType": true, "id": true, "meta": true, "gender": true, "code": true, "subject": true}
+				for k := range r {
+					if !allowed[k] {
+						t.Fatalf("%s line keeps %s: %s", it.Type, k, l)
+					}
+				}
+				if !strings.Contains(string(l), `"SUBSETTED"`) {
+					t.Fatalf("no SUBSETTED tag: %s", l)
+				}
+			}
+		}
+	})
+
+	t.Run("PostParametersAndForm", func(t *testing.T) {
+		p1, p2 := patientIDs(t, e)[0], patientIDs(t, e)[1]
+		body := fmt.Sprintf(`{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Patient"},{"name":"patient","valueReference":{"reference":"Patient/%s"}},{"name":"patient","valueReference":{"reference":"Patient/%s"}}]}`, p1, p2)
+		m := e.mustComplete(e.kickOff("POST", "/Patient/$export", []byte(body), "Content-Type", "application/fhir+json"))
+		if ids := e.exported(m)["Patient"]; len(ids) != 2 {
+			t.Fatalf("Parameters body: %v", ids)
+		}
+		form := "_type=Patient&patient=" + p1
+		m = e.mustComplete(e.kickOff("POST", "/Patient/$export", []byte(form), "Content-Type", "application/x-www-form-urlencoded"))
+		if ids := e.exported(m)["Patient"]; len(ids) != 1 || ids[0] != p1 {
+			t.Fatalf("form body: %v", ids)
+		}
+	})
+
+	t.Run("BadKickOffs", func(t *testing.T) {
+		p := patientIDs(t, e)[0]
+		cases := []struct {
+			method, path, body, ctype string
+			status                    int
+			want                      string
+		}{
+			{"GET", "/$export?_type=Pateint", "", "", 400, "@_type"},
+			{"GET", "/$export?_outputFormat=text/csv", "", "", 400, "@_outputFormat"},
+			{"GET", "/$export?_since=yesterday", "", "", 400, "@_since"},
+			{"GET", "/$export?_until=2020-13-01", "", "", 400, "@_until"},
+			{"GET", "/$export?patient=" + p, "", "", 400, "not allowed on a system-level"},
+			{"GET", "/Patient/$export?patient=Patient/nobody", "", "", 400, "Patient/nobody does not exist"},
+			{"GET", "/Patient/$export?patient=Observation/1", "", "", 400, "@patient"},
+			{"GET", "/$export?_elements=Patient.nothing", "", "", 400, "@_elements"},
+			{"GET", "/$export?includeAssociatedData=Everything", "", "", 400, "@includeAssociatedData"},
+			{"GET", "/$export?_typeFilter=Patient%3Fgender%3Dmale", "", "", 400, "@_typeFilter"},
+			{"GET", "/$export?bogus=1", "", "", 400, "@bogus"},
+			{"GET", "/$export?patientReferenceBatchSize=0", "", "", 400, "from 1 to 10000"},
+			{"GET", "/$export?patientReferenceBatchSize=10001", "", "", 400, "@patientReferenceBatchSize"},
+			{"GET", "/$export?fetchResourceBatchSize=abc", "", "", 400, "@fetchResourceBatchSize"},
+			{"GET", "/$export?uploadPartSize=40", "", "", 400, "from 5242880 to 5368709120"},
+			{"GET", "/$export?uploadPartSize=5368709121", "", "", 400, "@uploadPartSize"},
+			{"GET", "/$export?loglevel=loud", "", "", 400, "@loglevel"},
+			{"GET", "/$export?requestsMemory=lots", "", "", 400, "@requestsMemory"},
+			{"GET", "/$export?requestsMemory=4G&limitsMemory=2G", "", "", 400, "@limitsMemory"},
+			{"GET", "/$export?ttlSecondsAfterFinished=-1", "", "", 400, "@ttlSecondsAfterFinished"},
+			{"GET", "/$export?ttlSecondsAfterFinished=1.5", "", "", 400, "@ttlSecondsAfterFinished"},
+			{"GET", "/$export?_since=2020-01-02&_until=2020-01-01", "", "", 400, "@_until"},
+			{"GET", "/Group/nope/$export", "", "", 404, "Group/nope does not exist"},
+			{"POST", "/$export", `{"resourceType":"Patient"}`, "application/fhir+json", 400, "Parameters"},
+			{"POST", "/$export", `{"resourceType":"Parameters","parameter":[{"name":"_type"}]}`, "application/fhir+json", 400, "exactly one value"},
+			{"POST", "/$export", `not json`, "application/fhir+json", 400, "not a JSON object"},
+			{"POST", "/$export", `a,b`, "text/csv", 415, "Content-Type"},
+		}
+		for _, c := range cases {
+			var body []byte
+			if c.body != "" {
+				body = []byte(c.body)
+			}
+			r := e.do(c.method, c.path, body, "Content-Type", c.ctype)
+			if r.StatusCode != c.status {
+				t.Errorf("%s %s: %d, want %d: %s", c.method, c.path, r.StatusCode, c.status, r.body)
+				continue
+			}
+			if txt := r.outcomeText(t); !strings.Contains(txt, c.want) {
+				t.Errorf("%s %s: outcome %q lacks %q", c.method, c.path, txt, c.want)
+			}
+		}
+		if r := e.do("GET", "/$export", nil, "Accept", "application/xml"); r.StatusCode != 400 {
+			t.Errorf("Accept: application/xml: %d", r.StatusCode)
+		}
+	})
+
+	t.Run("LenientIgnoresIntoErrorFile", func(t *testing.T) {
+		loc := e.kickOff("GET", "/$export?_type=Patient&bogus=1&_typeFilter=Patient%3Fgender%3Dmale", nil, "Prefer", "respond-async, handling=lenient")
+		m := e.mustComplete(loc)
+		if len(m.Error) != 1 || m.Error[0].Type != "OperationOutcome" || m.Error[0].Count != 2 {
+			t.Fatalf("error files %+v", m.Error)
+		}
+		for _, l := range e.lines(m.Error[0].URL, false) {
+			if !strings.Contains(string(l), `"resourceType":"OperationOutcome"`) {
+				t.Fatalf("error line %s", l)
+			}
+		}
+		if len(m.Output) != 1 {
+			t.Fatalf("output %+v", m.Output)
+		}
+	})
+
+	t.Run("UnknownAndCancelled", func(t *testing.T) {
+		r := e.do("GET", "/$export/no-such-job", nil)
+		if r.StatusCode != 404 || !strings.Contains(r.outcomeText(t), "not known") {
+			t.Fatalf("unknown job: %d %s", r.StatusCode, r.body)
+		}
+		loc := e.kickOff("GET", "/$export", nil)
+		if r := e.do("DELETE", loc, nil); r.StatusCode != http.StatusAccepted {
+			t.Fatalf("cancel: %d", r.StatusCode)
+		}
+		r = e.do("GET", loc, nil)
+		if r.StatusCode != 404 {
+			t.Fatalf("after cancel: %d", r.StatusCode)
+		}
+		r.outcomeText(t)
+		if r := e.do("DELETE", loc, nil); r.StatusCode != 404 {
+			t.Fatalf("second cancel: %d", r.StatusCode)
+		}
+		id := loc[strings.LastIndex(loc, "/")+1:]
+		if _, err := os.Stat(filepath.Join(e.dir, "exports", id)); !os.IsNotExist(err) {
+			t.Fatalf("files of a cancelled job remain: %v", err)
+		}
+		// Deleting a finished job removes its files too.
+		m := e.mustComplete(e.kickOff("GET", "/$export?_type=Patient", nil))
+		e.do("DELETE", strings.Split(m.Output[0].URL, "/file/")[0], nil)
+		if r := e.do("GET", m.Output[0].URL, nil); r.StatusCode != 404 {
+			t.Fatalf("file of a deleted job: %d", r.StatusCode)
+		}
+	})
+}
+
+var refPattern = regexp.MustCompile(`"reference":"([A-Za-z]+/[A-Za-z0-9.\-]+)"`)
+
+// referencesIn lists the distinct Type/id references in lines.
+func referencesIn(lines [][]byte) map[string]bool {
+	out := map[string]bool{}
+	for _, l := range lines {
+		for _, m := range refPattern.FindAllSubmatch(l, -1) {
+			out[string(m[1])] = true
+		}
+	}
+	return out
+}
+
+func toStrings(v any) []string {
+	var out []string
+	for _, x := range v.([]any) {
+		out = append(out, x.(string))
+	}
+	return out
+}
+
+func patientIDs(t *testing.T, e *env) []string {
+	t.Helper()
+	page, err := e.db.Search(context.Background(), kiln.SearchQuery{Type: "Patient", Count: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, r := range page.Resources {
+		ids = append(ids, r.ID)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+func firstPatient(t *testing.T, e *env) string { return patientIDs(t, e)[0] }
+
+func put(t *testing.T, e *env, bodies ...string) {
+	t.Helper()
+	var ws []kiln.Write
+	for _, b := range bodies {
+		ws = append(ws, storetest.Put(t, b))
+	}
+	if _, err := e.db.Write(context.Background(), ws); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func obs(id, subject string, extra string) string {
+	return fmt.Sprintf(`{"resourceType":"Observation","id":%q,"status":"final","code":{"text":"x"},"subject":{"reference":"Patient/%s"}%s}`, id, subject, extra)
+}
+
+// TestOnceAcrossPatients: a resource in several patients' compartments is
+// exported once, whatever the patient batches.
+func TestOnceAcrossPatients(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`, `{"resourceType":"Patient","id":"c"}`,
+		obs("o-a", "a", ""), obs("o-shared", "c", `,"performer":[{"reference":"Patient/a"},{"reference":"Patient/b"},{"reference":"Practitioner/dr"}]`),
+		`{"resourceType":"Practitioner","id":"dr"}`, `{"resourceType":"Practitioner","id":"other"}`,
+		`{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/a"}},{"entity":{"reference":"Patient/c"}},{"entity":{"reference":"Patient/b"},"inactive":true}]}`)
+	for _, path := range []string{"/Patient/$export?patientReferenceBatchSize=1", "/Patient/$export?patientReferenceBatchSize=2&fetchResourceBatchSize=1", "/Group/g/$export?patientReferenceBatchSize=1"} {
+		got := e.exported(e.mustComplete(e.kickOff("GET", path, nil)))
+		if obs := slices.Sorted(slices.Values(got["Observation"])); !slices.Equal(obs, []string{"o-a", "o-shared"}) {
+			t.Errorf("%s: observations %v", path, obs)
+		}
+		if !slices.Equal(got["Practitioner"], []string{"dr"}) {
+			t.Errorf("%s: practitioners %v (only the referenced one belongs)", path, got["Practitioner"])
+		}
+	}
+	got := e.exported(e.mustComplete(e.kickOff("GET", "/Group/g/$export?_type=Patient", nil)))
+	if p := slices.Sorted(slices.Values(got["Patient"])); !slices.Equal(p, []string{"a", "c"}) {
+		t.Errorf("group export patients %v (b is inactive)", p)
+	}
+}
+
+// TestConsistentSnapshot: writes and deletes that land while an export runs
+// do not show in it; a _since export lists deletes.
+func TestConsistentSnapshot(t *testing.T) {
+	e := newEnv(t, envOpts{noWorkers: true})
+	put(t, e, `{"resourceType":"Patient","id":"a","gender":"female"}`, obs("o1", "a", ""), obs("o2", "a", ""))
+	before, _ := e.db.SnapshotTime(context.Background())
+	put(t, e, obs("o3", "a", ""))
+	locs := []string{e.kickOff("GET", "/$export", nil), e.kickOff("GET", "/Patient/$export", nil)}
+	r := e.do("GET", locs[0], nil)
+	if r.StatusCode != 202 || r.Header.Get("X-Progress") != "accepted" {
+		t.Fatalf("before workers run: %d %q", r.StatusCode, r.Header.Get("X-Progress"))
+	}
+	// The export is accepted; now the data changes under it.
+	put(t, e, `{"resourceType":"Patient","id":"a","gender":"male"}`, obs("o-new", "a", ""))
+	if _, err := e.db.Write(context.Background(), []kiln.Write{{Kind: kiln.Delete, Type: "Observation", ID: "o1"}}); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorkers()
+	for _, loc := range locs {
+		m := e.mustComplete(loc)
+		got := e.exported(m)
+		if o := slices.Sorted(slices.Values(got["Observation"])); !slices.Equal(o, []string{"o1", "o2", "o3"}) {
+			t.Errorf("observations as of transactionTime: %v", o)
+		}
+		for _, it := range m.Output {
+			if it.Type == "Patient" {
+				if l := e.lines(it.URL, false); !strings.Contains(string(l[0]), `"gender":"female"`) {
+					t.Errorf("patient as of transactionTime: %s", l[0])
+				}
+			}
+		}
+	}
+	// An incremental export since "before": o3 and the new versions, and o1's deletion.
+	for _, path := range []string{"/$export", "/Patient/$export", "/Patient/$export?patient=a"} {
+		m := e.mustComplete(e.kickOff("GET", path+sep(path)+"_since="+url.QueryEscape(before.Format(time.RFC3339Nano)), nil))
+		got := e.exported(m)
+		if o := slices.Sorted(slices.Values(got["Observation"])); !slices.Equal(o, []string{"o-new", "o3"}) {
+			t.Errorf("%s _since: observations %v", path, o)
+		}
+		if len(m.Deleted) != 1 || m.Deleted[0].Count != 1 {
+			t.Fatalf("%s _since: deleted %+v", path, m.Deleted)
+		}
+		l := e.lines(m.Deleted[0].URL, false)
+		var b struct {
+			ResourceType, Type string
+			Entry              []struct{ Request struct{ Method, URL string } }
+		}
+		json.Unmarshal(l[0], &b)
+		if b.ResourceType != "Bundle" || b.Type != "transaction" || b.Entry[0].Request.Method != "DELETE" || b.Entry[0].Request.URL != "Observation/o1" {
+			t.Errorf("%s deleted line %s", path, l[0])
+		}
+	}
+}
+
+func sep(path string) string {
+	if strings.Contains(path, "?") {
+		return "&"
+	}
+	return "?"
+}
+
+// TestRestartRecovery: a server stopped mid-export finishes the job after a
+// restart with exactly the expected lines: no duplicates, no gaps.
+func TestRestartRecovery(t *testing.T) {
+	dir := t.TempDir()
+	e := newEnv(t, envOpts{dir: dir, noWorkers: true, exportCfg: export.Config{UnitSize: 1000}})
+	e.load(dataDir(t, "synthea-r4-100"))
+	counts, _ := e.db.Counts(context.Background())
+	loc := e.kickOff("GET", "/$export", nil)
+	id := loc[strings.LastIndex(loc, "/")+1:]
+	// A worker claims units and dies: one unit is left running with a half-written part.
+	for range 3 {
+		u, err := e.db.ClaimUnit(context.Background(), time.Hour)
+		if err != nil || u == nil {
+			t.Fatalf("claim: %v %v", u, err)
+		}
+		os.MkdirAll(filepath.Join(dir, "exports", id), 0o700)
+		os.WriteFile(filepath.Join(dir, "exports", id, fmt.Sprintf("%06d-output-%s-001.ndjson", u.Seq, u.Type)), []byte("{\"torn"), 0o600)
+	}
+	e.close()
+
+	// Restart on the same folder.
+	e2 := newEnv(t, envOpts{dir: dir, exportCfg: export.Config{UnitSize: 1000}})
+	m := e2.mustComplete(e2.base + "/$export/" + id)
+	got := e2.exported(m)
+	for typ, n := range counts {
+		ids := got[typ]
+		if int64(len(ids)) != n || len(slices.Compact(slices.Sorted(slices.Values(ids)))) != len(ids) {
+			t.Errorf("%s after restart: %d lines, store has %d", typ, len(ids), n)
+		}
+	}
+}
+
+// TestLimits: too many running exports get 429 with Retry-After; polling too
+// fast gets 429; files split at the configured size.
+func TestLimits(t *testing.T) {
+	e := newEnv(t, envOpts{noWorkers: true, exportCfg: export.Config{MaxActiveJobs: 2, MaxActiveJobsPerOwner: 1, MaxFileResources: 3},
+		httpCfg: httpapi.Config{RetryAfter: 30, PollBurst: 2}})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`, `{"resourceType":"Patient","id":"c"}`,
+		`{"resourceType":"Patient","id":"d"}`, `{"resourceType":"Patient","id":"e"}`, `{"resourceType":"Patient","id":"f"}`, `{"resourceType":"Patient","id":"g"}`)
+	loc := e.kickOff("GET", "/$export", nil)
+	r := e.do("GET", "/$export", nil)
+	if r.StatusCode != 429 || r.Header.Get("Retry-After") == "" {
+		t.Fatalf("second export: %d %q", r.StatusCode, r.Header.Get("Retry-After"))
+	}
+	var last int
+	for range 5 {
+		last = e.do("GET", loc, nil).StatusCode
+	}
+	if last != 429 {
+		t.Fatalf("rapid polling ended with %d", last)
+	}
+	e.startWorkers()
+	time.Sleep(100 * time.Millisecond)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		j, err := e.svc.Job(context.Background(), loc[strings.LastIndex(loc, "/")+1:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.State == kiln.JobCompleted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("export did not finish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r2, m := e.wait(loc)
+	if r2.StatusCode != 200 {
+		t.Fatalf("status %d", r2.StatusCode)
+	}
+	var n int
+	for _, it := range m.Output {
+		if it.Count > 3 {
+			t.Fatalf("file over the split limit: %+v", it)
+		}
+		n += it.Count
+	}
+	if len(m.Output) != 3 || n != 7 {
+		t.Fatalf("7 patients split by 3: %+v", m.Output)
+	}
+}

@@ -1,0 +1,495 @@
+// Package storetest is the contract every Kiln store must meet: one suite,
+// run against each store implementation (SQLite now, PostgreSQL later).
+package storetest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+// Store is what the suite exercises.
+type Store interface {
+	kiln.ResourceStore
+	kiln.ExportReader
+	kiln.JobStore
+}
+
+// Run runs the contract against stores made by open; each subtest gets a new, empty one.
+func Run(t *testing.T, open func(t *testing.T) Store) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, s Store)
+	}{
+		{"CreateReadVersions", testCreateReadVersions},
+		{"NoOpUpdateKeepsVersion", testNoOpUpdate},
+		{"DeleteLeavesTombstone", testDelete},
+		{"CreateConflictAndIfMatch", testConflicts},
+		{"BatchIsAtomic", testAtomic},
+		{"LastUpdatedNeverGoesBack", testClock},
+		{"CompartmentIndex", testCompartment},
+		{"SearchIdentifierAndPaging", testSearch},
+		{"ScanShowsSnapshot", testScanSnapshot},
+		{"ScanPatientBatchesOnce", testScanPatients},
+		{"SplitTypeCoversAll", testSplit},
+		{"DeletionsInWindow", testDeletions},
+		{"JobUnitsClaimedOnce", testUnits},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
+	}
+}
+
+// Put builds a write from JSON text, failing the test on invalid input.
+func Put(t testing.TB, body string) kiln.Write {
+	t.Helper()
+	p, err := fhir.Parse([]byte(body))
+	if err != nil {
+		t.Fatalf("parse %s: %v", body, err)
+	}
+	return fhir.Prepare(p, p.ID, fhir.Options{Bases: []string{"http://kiln.test/4_0_0"}})
+}
+
+func write(t testing.TB, s kiln.ResourceStore, ws ...kiln.Write) []kiln.WriteResult {
+	t.Helper()
+	res, err := s.Write(context.Background(), ws)
+	if err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	return res
+}
+
+func patient(id string) string {
+	return fmt.Sprintf(`{"resourceType":"Patient","id":%q,"name":[{"family":"F%s"}]}`, id, id)
+}
+
+func observation(id, subject string) string {
+	return fmt.Sprintf(`{"resourceType":"Observation","id":%q,"status":"final","code":{"text":"x"},"subject":{"reference":"Patient/%s"}}`, id, subject)
+}
+
+func testCreateReadVersions(t *testing.T, s Store) {
+	ctx := context.Background()
+	res := write(t, s, Put(t, patient("p1")))
+	if !res[0].Created || res[0].Version != 1 {
+		t.Fatalf("first write: created=%v version=%d", res[0].Created, res[0].Version)
+	}
+	res = write(t, s, Put(t, `{"resourceType":"Patient","id":"p1","gender":"female"}`))
+	if res[0].Created || res[0].Version != 2 {
+		t.Fatalf("second write: created=%v version=%d", res[0].Created, res[0].Version)
+	}
+	cur, err := s.Read(ctx, "Patient", "p1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m struct {
+		Meta struct {
+			VersionID   string `json:"versionId"`
+			LastUpdated string `json:"lastUpdated"`
+		} `json:"meta"`
+		Gender string `json:"gender"`
+	}
+	if err := json.Unmarshal(cur.Body, &m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Meta.VersionID != "2" || m.Gender != "female" || m.Meta.LastUpdated != fhir.FormatInstant(cur.LastUpdated) {
+		t.Fatalf("current version body: %s", cur.Body)
+	}
+	v1, err := s.ReadVersion(ctx, "Patient", "p1", 1)
+	if err != nil || !strings.Contains(string(v1.Body), `"family":"Fp1"`) || !strings.Contains(string(v1.Body), `"versionId":"1"`) {
+		t.Fatalf("version 1: %v %s", err, v1.Body)
+	}
+	if _, err := s.ReadVersion(ctx, "Patient", "p1", 3); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("version 3: %v", err)
+	}
+	h, err := s.History(ctx, "Patient", "p1")
+	if err != nil || len(h) != 2 || h[0].Version != 2 || h[1].Version != 1 {
+		t.Fatalf("history: %v %+v", err, h)
+	}
+	if _, err := s.Read(ctx, "Patient", "nope"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("missing read: %v", err)
+	}
+}
+
+func testNoOpUpdate(t *testing.T, s Store) {
+	write(t, s, Put(t, patient("p1")))
+	// Same content, other key order and a client-sent meta.versionId: no new version.
+	res := write(t, s, Put(t, `{"name":[{"family":"Fp1"}],"id":"p1","meta":{"versionId":"9"},"resourceType":"Patient"}`))
+	if !res[0].Unchanged || res[0].Version != 1 {
+		t.Fatalf("identical update: %+v", res[0])
+	}
+}
+
+func testDelete(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s, Put(t, patient("p1")))
+	res := write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Patient", ID: "p1"})
+	if res[0].Version != 2 || !res[0].Deleted {
+		t.Fatalf("delete: %+v", res[0])
+	}
+	if _, err := s.Read(ctx, "Patient", "p1"); kiln.ErrorCode(err) != kiln.EGONE {
+		t.Fatalf("read deleted: %v", err)
+	}
+	res = write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Patient", ID: "p1"})
+	if !res[0].Unchanged {
+		t.Fatalf("second delete should be a no-op: %+v", res[0])
+	}
+	h, err := s.History(ctx, "Patient", "p1")
+	if err != nil || len(h) != 2 || !h[0].Deleted {
+		t.Fatalf("history after delete: %v %+v", err, h)
+	}
+	// Re-creating after a delete makes version 3.
+	res = write(t, s, Put(t, patient("p1")))
+	if res[0].Version != 3 {
+		t.Fatalf("recreate: %+v", res[0])
+	}
+	counts, _ := s.Counts(ctx)
+	if counts["Patient"] != 1 {
+		t.Fatalf("counts: %v", counts)
+	}
+}
+
+func testConflicts(t *testing.T, s Store) {
+	ctx := context.Background()
+	w := Put(t, patient("p1"))
+	w.Kind = kiln.Create
+	write(t, s, w)
+	if _, err := s.Write(ctx, []kiln.Write{w}); kiln.ErrorCode(err) != kiln.ECONFLICT {
+		t.Fatalf("second create: %v", err)
+	}
+	u := Put(t, `{"resourceType":"Patient","id":"p1","gender":"male"}`)
+	u.IfMatch = 7
+	if _, err := s.Write(ctx, []kiln.Write{u}); kiln.ErrorCode(err) != kiln.EPRECONDITION {
+		t.Fatalf("If-Match 7: %v", err)
+	}
+	u.IfMatch = 1
+	if res := write(t, s, u); res[0].Version != 2 {
+		t.Fatalf("If-Match 1: %+v", res[0])
+	}
+}
+
+func testAtomic(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s, Put(t, patient("p0")))
+	dup := Put(t, patient("p0"))
+	dup.Kind = kiln.Create
+	_, err := s.Write(ctx, []kiln.Write{Put(t, patient("p1")), Put(t, observation("o1", "p1")), dup})
+	if kiln.ErrorCode(err) != kiln.ECONFLICT {
+		t.Fatalf("batch with a conflict: %v", err)
+	}
+	for _, ref := range []kiln.Ref{{Type: "Patient", ID: "p1"}, {Type: "Observation", ID: "o1"}} {
+		if _, err := s.Read(ctx, ref.Type, ref.ID); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+			t.Fatalf("%v stored from a failed batch: %v", ref, err)
+		}
+	}
+	if refs, _ := s.CompartmentOf(ctx, "p1"); len(refs) != 0 {
+		t.Fatalf("index rows from a failed batch: %v", refs)
+	}
+	// The same resource twice in one batch: the second is a new version.
+	res := write(t, s, Put(t, patient("p2")), Put(t, `{"resourceType":"Patient","id":"p2","gender":"other"}`))
+	if res[1].Version != 2 {
+		t.Fatalf("twice in one batch: %+v", res)
+	}
+}
+
+func testClock(t *testing.T, s Store) {
+	ctx := context.Background()
+	var last time.Time
+	for i := range 5 {
+		res := write(t, s, Put(t, patient(fmt.Sprint("c", i))))
+		if res[0].LastUpdated.Before(last) {
+			t.Fatalf("lastUpdated went back: %v after %v", res[0].LastUpdated, last)
+		}
+		last = res[0].LastUpdated
+		snap, err := s.SnapshotTime(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if snap.Before(last) {
+			t.Fatalf("snapshot %v before committed write %v", snap, last)
+		}
+		next := write(t, s, Put(t, patient(fmt.Sprint("d", i))))
+		if !next[0].LastUpdated.After(snap) {
+			t.Fatalf("write after snapshot %v has lastUpdated %v", snap, next[0].LastUpdated)
+		}
+		last = next[0].LastUpdated
+	}
+}
+
+func testCompartment(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s,
+		Put(t, patient("a")), Put(t, patient("b")),
+		Put(t, observation("o-subject", "a")),
+		Put(t, `{"resourceType":"Observation","id":"o-performer","status":"final","code":{"text":"x"},"subject":{"reference":"Group/g"},"performer":[{"reference":"Patient/b"}]}`),
+		Put(t, `{"resourceType":"Observation","id":"o-absolute","status":"final","code":{"text":"x"},"subject":{"reference":"http://kiln.test/4_0_0/Patient/a"}}`),
+		Put(t, `{"resourceType":"Observation","id":"o-foreign","status":"final","code":{"text":"x"},"subject":{"reference":"http://elsewhere.example/Patient/a"}}`),
+		Put(t, `{"resourceType":"Claim","id":"c1","status":"active","type":{"text":"t"},"use":"claim","patient":{"reference":"Patient/a"},"created":"2020-01-01","provider":{"reference":"Organization/org1"},"priority":{"text":"normal"},"insurance":[{"sequence":1,"focal":true,"coverage":{"reference":"Coverage/x"}}]}`),
+		Put(t, `{"resourceType":"Encounter","id":"e1","status":"finished","class":{"code":"AMB"},"subject":{"reference":"Patient/b"},"participant":[{"individual":{"reference":"Practitioner/dr1"}}]}`),
+		Put(t, `{"resourceType":"ExplanationOfBenefit","id":"eob1","status":"active","type":{"text":"t"},"use":"claim","patient":{"reference":"#p"},"created":"2020-01-01","insurer":{"display":"x"},"provider":{"display":"x"},"outcome":"complete","insurance":[{"focal":true,"coverage":{"display":"x"}}],"contained":[{"resourceType":"Patient","id":"p","link":[{"other":{"reference":"Patient/a"},"type":"seealso"}]}]}`),
+	)
+	got := func(p string) []string {
+		refs, err := s.CompartmentOf(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, r := range refs {
+			out = append(out, r.Type+"/"+r.ID)
+		}
+		return out
+	}
+	if want, have := []string{"Claim/c1", "Observation/o-absolute", "Observation/o-subject", "Patient/a"}, got("a"); !slices.Equal(want, have) {
+		t.Errorf("compartment of a: want %v, have %v", want, have)
+	}
+	if want, have := []string{"Encounter/e1", "Observation/o-performer", "Patient/b"}, got("b"); !slices.Equal(want, have) {
+		t.Errorf("compartment of b: want %v, have %v", want, have)
+	}
+	// An update that moves the Observation to another patient moves its index row.
+	write(t, s, Put(t, observation("o-subject", "b")))
+	if have := got("a"); slices.Contains(have, "Observation/o-subject") {
+		t.Errorf("stale compartment row after update: %v", have)
+	}
+}
+
+func testSearch(t *testing.T, s Store) {
+	ctx := context.Background()
+	var ws []kiln.Write
+	for i := range 7 {
+		ws = append(ws, Put(t, fmt.Sprintf(`{"resourceType":"Patient","id":"s%d","identifier":[{"system":"urn:mrn","value":"m%d"}]}`, i, i%2)))
+	}
+	write(t, s, ws...)
+	page, err := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"urn:mrn|m1"}})
+	if err != nil || page.Total != 3 || len(page.Resources) != 3 {
+		t.Fatalf("identifier search: %v %+v", err, page)
+	}
+	if page, _ := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"other|m1"}}); page.Total != 0 {
+		t.Fatalf("identifier with another system matched %d", page.Total)
+	}
+	var ids []string
+	q := kiln.SearchQuery{Type: "Patient", Count: 3}
+	for {
+		page, err := s.Search(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range page.Resources {
+			ids = append(ids, r.ID)
+		}
+		if page.Next == 0 {
+			break
+		}
+		q.After = page.Next
+	}
+	if len(ids) != 7 {
+		t.Fatalf("paging returned %v", ids)
+	}
+}
+
+func scanIDs(t *testing.T, s Store, q kiln.ScanQuery) []string {
+	t.Helper()
+	var ids []string
+	err := s.Scan(context.Background(), q, func(b []byte) error {
+		var m struct{ ID, Gender string }
+		if err := json.Unmarshal(b, &m); err != nil {
+			return err
+		}
+		ids = append(ids, m.ID+m.Gender)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+func testScanSnapshot(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s, Put(t, patient("keep")), Put(t, patient("upd")), Put(t, patient("del")))
+	snap, _ := s.SnapshotTime(ctx)
+	write(t, s, Put(t, `{"resourceType":"Patient","id":"upd","gender":"male"}`), Put(t, patient("new")))
+	write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Patient", ID: "del"})
+	for _, batch := range []int{1, 2, 100} {
+		got := scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: snap, Batch: batch})
+		if want := []string{"del", "keep", "upd"}; !slices.Equal(got, want) {
+			t.Fatalf("batch %d: snapshot scan = %v, want %v", batch, got, want)
+		}
+	}
+	now, _ := s.SnapshotTime(ctx)
+	if got, want := scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: now, Batch: 2}), []string{"keep", "new", "updmale"}; !slices.Equal(got, want) {
+		t.Fatalf("current scan = %v, want %v", got, want)
+	}
+	// _since: only what changed after it.
+	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: now, Since: snap, Batch: 2}); !slices.Equal(got, []string{"new", "updmale"}) {
+		t.Fatalf("since scan = %v", got)
+	}
+	// _until bounds the other end: resources as they are now, last changed by then.
+	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: now, Until: snap, Batch: 2}); !slices.Equal(got, []string{"keep"}) {
+		t.Fatalf("until scan = %v", got)
+	}
+	pats, err := s.PatientsAt(ctx, snap, nil)
+	if err != nil || !slices.Equal(pats, []string{"del", "keep", "upd"}) {
+		t.Fatalf("patients at snapshot: %v %v", err, pats)
+	}
+	pats, _ = s.PatientsAt(ctx, now, []string{"del", "new", "nobody"})
+	if !slices.Equal(pats, []string{"new"}) {
+		t.Fatalf("patients now among ids: %v", pats)
+	}
+}
+
+func testScanPatients(t *testing.T, s Store) {
+	ctx := context.Background()
+	// o-shared is in both a's and c's compartments (subject and performer).
+	write(t, s, Put(t, patient("a")), Put(t, patient("b")), Put(t, patient("c")),
+		Put(t, observation("o-a", "a")), Put(t, observation("o-c", "c")),
+		Put(t, `{"resourceType":"Observation","id":"o-shared","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/c"},"performer":[{"reference":"Patient/a"},{"reference":"Practitioner/dr"}]}`),
+		Put(t, `{"resourceType":"Practitioner","id":"dr"}`),
+		Put(t, `{"resourceType":"Practitioner","id":"unused"}`),
+		Put(t, `{"resourceType":"Device","id":"dev","patient":{"reference":"Patient/b"}}`),
+	)
+	snap, _ := s.SnapshotTime(ctx)
+	if err := s.SetPatients(ctx, "job1", []string{"a", "b", "c"}); err != nil {
+		t.Fatal(err)
+	}
+	var all []string
+	for lo := 0; lo < 3; lo++ {
+		all = append(all, scanIDs(t, s, kiln.ScanQuery{Type: "Observation", Snapshot: snap, Job: "job1", PatientLo: lo, PatientHi: lo, Batch: 1})...)
+	}
+	sort.Strings(all)
+	if want := []string{"o-a", "o-c", "o-shared"}; !slices.Equal(all, want) {
+		t.Fatalf("observations over single-patient batches: %v, want each once %v", all, want)
+	}
+	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Practitioner", Snapshot: snap, Job: "job1", Supporting: true}); !slices.Equal(got, []string{"dr"}) {
+		t.Fatalf("supporting practitioners: %v", got)
+	}
+	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Device", Snapshot: snap, Job: "job1", Supporting: true}); !slices.Equal(got, []string{"dev"}) {
+		t.Fatalf("supporting devices: %v", got)
+	}
+	if err := s.SetPatients(ctx, "job2", []string{"b"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Observation", Snapshot: snap, Job: "job2", PatientLo: 0, PatientHi: 0}); len(got) != 0 {
+		t.Fatalf("patient b has no observations, got %v", got)
+	}
+}
+
+func testSplit(t *testing.T, s Store) {
+	ctx := context.Background()
+	var ws []kiln.Write
+	for i := range 25 {
+		ws = append(ws, Put(t, patient(fmt.Sprintf("p%02d", i))))
+	}
+	write(t, s, ws[:10]...)
+	write(t, s, ws[10:]...)
+	snap, _ := s.SnapshotTime(ctx)
+	bounds, err := s.SplitType(ctx, "Patient", snap, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(bounds) != 3 {
+		t.Fatalf("25 rows in runs of 7: %d bounds", len(bounds))
+	}
+	var all []string
+	from := kiln.Cursor{}
+	for _, b := range append(bounds, kiln.Cursor{}) {
+		got := scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: snap, From: from, To: b, Batch: 3})
+		all = append(all, got...)
+		from = b
+	}
+	sort.Strings(all)
+	if len(all) != 25 || len(slices.Compact(all)) != 25 {
+		t.Fatalf("ranges covered %d rows: %v", len(all), all)
+	}
+}
+
+func testDeletions(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s, Put(t, patient("a")), Put(t, observation("o1", "a")), Put(t, observation("o2", "a")))
+	before, _ := s.SnapshotTime(ctx)
+	write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Observation", ID: "o1"})
+	after, _ := s.SnapshotTime(ctx)
+	write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Observation", ID: "o2"})
+	var got []string
+	err := s.Deletions(ctx, []string{"Observation", "Patient"}, before, after, "", func(d kiln.Deleted) error {
+		got = append(got, d.Type+"/"+d.ID)
+		return nil
+	})
+	if err != nil || !slices.Equal(got, []string{"Observation/o1"}) {
+		t.Fatalf("deletions in window: %v %v", err, got)
+	}
+	s.SetPatients(ctx, "j", []string{"a"})
+	got = nil
+	s.Deletions(ctx, []string{"Observation"}, before, after, "j", func(d kiln.Deleted) error {
+		got = append(got, d.Type+"/"+d.ID)
+		return nil
+	})
+	if !slices.Equal(got, []string{"Observation/o1"}) {
+		t.Fatalf("deletions of the job's patients: %v", got)
+	}
+}
+
+func testUnits(t *testing.T, s Store) {
+	ctx := context.Background()
+	now := time.Now().UTC()
+	job := &kiln.Job{ID: "j1", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
+	units := []kiln.Unit{{Job: "j1", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}, {Job: "j1", Seq: 1, Kind: kiln.UnitType, Type: "Observation"}}
+	if err := s.CreateJob(ctx, job, units); err != nil {
+		t.Fatal(err)
+	}
+	u1, err := s.ClaimUnit(ctx, time.Minute)
+	if err != nil || u1 == nil {
+		t.Fatalf("claim: %v %v", u1, err)
+	}
+	u2, _ := s.ClaimUnit(ctx, time.Minute)
+	if u2 == nil || u2.Seq == u1.Seq {
+		t.Fatalf("second claim got %+v after %+v", u2, u1)
+	}
+	if u3, _ := s.ClaimUnit(ctx, time.Minute); u3 != nil {
+		t.Fatalf("third claim got %+v", u3)
+	}
+	if ok, err := s.FinishUnit(ctx, u1, []kiln.Part{{Type: "Patient", Name: "000000-x", Count: 3, Kind: "output"}}); !ok || err != nil {
+		t.Fatalf("finish: %v %v", ok, err)
+	}
+	if ok, _ := s.FinishUnit(ctx, u1, nil); ok {
+		t.Fatal("a unit finished twice")
+	}
+	if err := s.ReleaseUnit(ctx, u2); err != nil {
+		t.Fatal(err)
+	}
+	u4, _ := s.ClaimUnit(ctx, time.Minute)
+	if u4 == nil || u4.Seq != u2.Seq || u4.Attempts != 2 {
+		t.Fatalf("released unit claimed again: %+v", u4)
+	}
+	total, done, _ := s.UnitCounts(ctx, "j1")
+	if total != 2 || done != 1 {
+		t.Fatalf("unit counts %d/%d", done, total)
+	}
+	parts, _ := s.Parts(ctx, "j1")
+	if len(parts) != 1 || parts[0].Count != 3 {
+		t.Fatalf("parts: %+v", parts)
+	}
+	all, mine, _ := s.Running(ctx, "me")
+	if all != 1 || mine != 1 {
+		t.Fatalf("running: %d %d", all, mine)
+	}
+	if _, err := s.UpdateJob(ctx, "j1", func(j *kiln.Job) error { j.State = kiln.JobCancelled; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := s.FinishUnit(ctx, u4, nil); !ok {
+		t.Fatal("a running unit of a cancelled job can still be recorded; the engine discards it")
+	}
+	if err := s.DeleteJob(ctx, "j1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetJob(ctx, "j1"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("deleted job: %v", err)
+	}
+}
