@@ -415,11 +415,9 @@ func (s *Server) bundle(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, kiln.Invalid("body", "body is not a JSON object: %v", err))
 		return
 	}
-	if p, err := fhir.FromMap(m); err != nil {
-		s.writeError(w, r, err)
-		return
-	} else if p.Type != "Bundle" {
-		s.writeError(w, r, kiln.Invalid("resourceType", "POST to the base takes a Bundle, got %s", p.Type))
+	// Entries are validated one by one below, so that a batch can answer per entry.
+	if rt, _ := m["resourceType"].(string); rt != "Bundle" {
+		s.writeError(w, r, kiln.Invalid("resourceType", "POST to the base takes a Bundle, got %q", rt))
 		return
 	}
 	kind, entries, err := ingest.PrepareBundle(m, ingest.BundleOptions{Ref: s.refOptions(r), NewID: uuid.NewString})

@@ -41,3 +41,13 @@ func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 	})
 	return err
 }
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}

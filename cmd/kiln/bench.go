@@ -1,0 +1,249 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/httpapi"
+	"github.com/kiln-fhir/kiln/ingest"
+	"github.com/kiln-fhir/kiln/localfs"
+	"github.com/kiln-fhir/kiln/sqlite"
+	"github.com/kiln-fhir/kiln/synth"
+)
+
+// cmdBench measures Kiln end to end on generated data: import, then system,
+// Patient and Group exports through the HTTP API (kick-off, poll, download
+// every file). Memory is the process's peak RSS per phase (Linux VmHWM,
+// reset between phases), which covers the server and the benchmark client.
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("kiln bench", flag.ContinueOnError)
+	patients := fs.Int("patients", 1000, "patients to generate")
+	seed := fs.Uint64("seed", 1, "generator seed")
+	work := fs.String("work", "", "working folder (default: a temporary one, removed afterwards)")
+	groupSize := fs.Int("group-patients", 1000, "patients in the Group exported")
+	workers := fs.Int("export-workers", runtime.NumCPU(), "export workers")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: kiln bench [flags]\n\nGenerates patients, imports them and exports them through the HTTP API, printing\nresources, bytes, seconds, resources/s, MB/s and peak RSS per phase.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	dir := *work
+	if dir == "" {
+		d, err := os.MkdirTemp("", "kiln-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	genDir := filepath.Join(dir, "generated")
+	fmt.Fprintf(stdout, "kiln bench: %d patients, %d CPUs, %s, Go %s\n", *patients, runtime.NumCPU(), cpuModel(), runtime.Version())
+	start := time.Now()
+	st, err := synth.Generate(ctx, genDir, synth.Options{Patients: *patients, Seed: *seed})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "generated %d resources in %.1fs\n\n", st.Total(), time.Since(start).Seconds())
+	fmt.Fprintf(stdout, "%-16s %12s %10s %9s %12s %8s %10s\n", "phase", "resources", "MB", "seconds", "resources/s", "MB/s", "peak RSS MB")
+	row := func(name string, n, bytes int64, d time.Duration) {
+		fmt.Fprintf(stdout, "%-16s %12d %10.1f %9.2f %12.0f %8.1f %10.0f\n", name, n, float64(bytes)/1e6, d.Seconds(), float64(n)/d.Seconds(), float64(bytes)/1e6/d.Seconds(), peakRSS())
+	}
+	dataDir := filepath.Join(dir, "data")
+	db, err := sqlite.Open(ctx, dataDir)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	resetPeakRSS()
+	runtime.GC()
+	start = time.Now()
+	ls, err := ingest.Load(ctx, db, []string{genDir}, ingest.LoadOptions{NewID: uuid.NewString})
+	if err != nil {
+		return err
+	}
+	var inBytes int64
+	if entries, err := os.ReadDir(genDir); err == nil {
+		for _, e := range entries {
+			if info, err := e.Info(); err == nil {
+				inBytes += info.Size()
+			}
+		}
+	}
+	row("import", ls.Read, inBytes, time.Since(start))
+	os.RemoveAll(genDir)
+
+	sink, err := localfs.New(filepath.Join(dataDir, "exports"))
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	base := "http://" + ln.Addr().String() + "/4_0_0"
+	svc := export.New(db, db, sink, export.Config{Workers: *workers, Logger: log, Ref: fhir.Options{Bases: []string{base}}})
+	api := httpapi.New(db, svc, httpapi.Config{PollBurst: -1, RetryAfter: 1, Logger: log}, nil)
+	srv := &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	defer srv.Close()
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	go svc.Run(runCtx)
+
+	// A Group of the first group-patients patients.
+	ids, err := db.PatientsAt(ctx, time.Now().Add(time.Hour), nil)
+	if err != nil {
+		return err
+	}
+	ids = ids[:min(*groupSize, len(ids))]
+	var members []map[string]any
+	for _, id := range ids {
+		members = append(members, map[string]any{"entity": map[string]string{"reference": "Patient/" + id}})
+	}
+	gb, _ := json.Marshal(map[string]any{"resourceType": "Group", "id": "bench", "type": "person", "actual": true, "member": members})
+	p, err := fhir.Parse(gb)
+	if err != nil {
+		return err
+	}
+	if _, err := db.Write(ctx, []kiln.Write{fhir.Prepare(p, "bench", fhir.Options{})}); err != nil {
+		return err
+	}
+
+	for _, e := range []struct{ name, path string }{
+		{"system export", "/$export"},
+		{"patient export", "/Patient/$export"},
+		{"group export", "/Group/bench/$export"},
+	} {
+		runtime.GC()
+		resetPeakRSS()
+		start := time.Now()
+		n, b, err := benchExport(ctx, base+e.path)
+		if err != nil {
+			return fmt.Errorf("%s: %w", e.name, err)
+		}
+		row(e.name, n, b, time.Since(start))
+	}
+	return nil
+}
+
+// benchExport kicks off, polls and downloads every file, counting lines and bytes.
+func benchExport(ctx context.Context, url string) (int64, int64, error) {
+	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+	req.Header.Set("Prefer", "respond-async")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, 0, err
+	}
+	res.Body.Close()
+	if res.StatusCode != 202 {
+		return 0, 0, fmt.Errorf("kick-off: %s", res.Status)
+	}
+	loc := res.Header.Get("Content-Location")
+	var m struct {
+		Output []struct{ URL string }
+	}
+	for {
+		res, err := http.Get(loc)
+		if err != nil {
+			return 0, 0, err
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode == 202 {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		if res.StatusCode != 200 {
+			return 0, 0, fmt.Errorf("status: %s %s", res.Status, body)
+		}
+		if err := json.Unmarshal(body, &m); err != nil {
+			return 0, 0, err
+		}
+		break
+	}
+	var lines, bytes int64
+	buf := make([]byte, 256<<10)
+	for _, o := range m.Output {
+		res, err := http.Get(o.URL)
+		if err != nil {
+			return 0, 0, err
+		}
+		for {
+			n, err := res.Body.Read(buf)
+			bytes += int64(n)
+			for _, c := range buf[:n] {
+				if c == '\n' {
+					lines++
+				}
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				res.Body.Close()
+				return 0, 0, err
+			}
+		}
+		res.Body.Close()
+	}
+	// Clean up so later phases start from the same disk state.
+	req, _ = http.NewRequestWithContext(ctx, "DELETE", loc, nil)
+	if res, err := http.DefaultClient.Do(req); err == nil {
+		res.Body.Close()
+	}
+	return lines, bytes, nil
+}
+
+// peakRSS is the process's peak resident set in MB since the last reset (Linux).
+func peakRSS() float64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// resetPeakRSS starts a new peak-RSS measurement (Linux clear_refs "5").
+func resetPeakRSS() { _ = os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOARCH
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+		}
+	}
+	return runtime.GOARCH
+}
