@@ -521,3 +521,24 @@ func TestLimits(t *testing.T) {
 		t.Fatalf("7 patients split by 3: %+v", m.Output)
 	}
 }
+
+// TestSystemExport615: a full system export of the 615-patient set has, per
+// type, exactly the store's count of resources.
+func TestSystemExport615(t *testing.T) {
+	e := newEnv(t, envOpts{exportCfg: export.Config{UnitSize: 20_000}})
+	e.load(dataDir(t, "synthea-r4-615"))
+	counts, _ := e.db.Counts(context.Background())
+	m := e.mustComplete(e.kickOff("GET", "/$export", nil))
+	perType := map[string]int64{}
+	for _, it := range m.Output {
+		perType[it.Type] += int64(len(e.lines(it.URL, true)))
+	}
+	if len(perType) != len(counts) {
+		t.Errorf("%d types exported, store has %d", len(perType), len(counts))
+	}
+	for typ, n := range counts {
+		if perType[typ] != n {
+			t.Errorf("%s: exported %d lines, store has %d", typ, perType[typ], n)
+		}
+	}
+}

@@ -1,0 +1,48 @@
+package localfs
+
+import (
+	"context"
+	"io"
+	"testing"
+
+	"github.com/kiln-fhir/kiln"
+)
+
+func TestSinkRoundTripAndConfinement(t *testing.T) {
+	ctx := context.Background()
+	s, err := New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := s.Create(ctx, "job", "000001-a.ndjson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "line\n")
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Open(ctx, "job", "000001-a.ndjson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(r)
+	r.Close()
+	if string(b) != "line\n" {
+		t.Fatalf("read %q", b)
+	}
+	for _, bad := range [][2]string{{"..", "x"}, {"job", "../../etc/passwd"}, {"a/b", "x"}, {"job", ""}} {
+		if _, err := s.Open(ctx, bad[0], bad[1]); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+			t.Errorf("Open(%q, %q): %v", bad[0], bad[1], err)
+		}
+	}
+	if err := s.RemovePrefix(ctx, "job", "000001-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Open(ctx, "job", "000001-a.ndjson"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("after RemovePrefix: %v", err)
+	}
+	if err := s.RemoveJob(ctx, "job"); err != nil {
+		t.Fatal(err)
+	}
+}
