@@ -1,0 +1,178 @@
+package export_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/localfs"
+	"github.com/kiln-fhir/kiln/sqlite"
+)
+
+type rig struct {
+	db  *sqlite.DB
+	svc *export.Service
+}
+
+func newRig(t *testing.T, cfg export.Config) *rig {
+	dir := t.TempDir()
+	db, err := sqlite.Open(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	sink, err := localfs.New(filepath.Join(dir, "exports"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	svc := export.New(db, db, sink, cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); svc.Run(ctx) }()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return &rig{db: db, svc: svc}
+}
+
+func (r *rig) put(t *testing.T, bodies ...string) {
+	t.Helper()
+	ws := make([]kiln.Write, 0, len(bodies))
+	for _, b := range bodies {
+		p, err := fhir.Parse([]byte(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws = append(ws, fhir.Prepare(p, p.ID, fhir.Options{}))
+	}
+	if _, err := r.db.Write(context.Background(), ws); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// run exports and reads every file, returning lines and the peak Go heap
+// seen while the export ran.
+func (r *rig) run(t *testing.T, req *kiln.ExportRequest) (int64, uint64) {
+	t.Helper()
+	ctx := context.Background()
+	var peak uint64
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	runtime.GC()
+	var base runtime.MemStats
+	runtime.ReadMemStats(&base)
+	go func() {
+		defer wg.Done()
+		for {
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			if m.HeapInuse > peak {
+				peak = m.HeapInuse
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+	job, err := r.svc.Start(ctx, req, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		j, err := r.svc.Job(ctx, job.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.State == kiln.JobCompleted {
+			job = j
+			break
+		}
+		if j.State == kiln.JobFailed {
+			t.Fatalf("export failed: %s", j.Error)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	var lines int64
+	buf := make([]byte, 64<<10)
+	for _, f := range job.Files {
+		rc, _, err := r.svc.OpenFile(ctx, job, f.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			n, err := rc.Read(buf)
+			lines += int64(strings.Count(string(buf[:n]), "\n"))
+			if err != nil {
+				break
+			}
+		}
+		rc.Close()
+	}
+	close(done)
+	wg.Wait()
+	if peak < base.HeapInuse {
+		return lines, 0
+	}
+	return lines, peak - base.HeapInuse
+}
+
+func systemReq() *kiln.ExportRequest {
+	return &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson", PatientReferenceBatchSize: 100, FetchResourceBatchSize: 1000}
+}
+
+// TestMemoryBoundedByBatchNotData: the heap an export needs depends on the
+// batch size and the largest resource, not on how many resources there are.
+func TestMemoryBoundedByBatchNotData(t *testing.T) {
+	r := newRig(t, export.Config{Workers: 2})
+	// One 10 MB resource, far over what a batch of 1000 small ones takes.
+	big := fmt.Sprintf(`{"resourceType":"Binary","id":"big","contentType":"text/plain","data":"%s"}`, strings.Repeat("QUJD", 10<<20/4))
+	r.put(t, big)
+	n, heapBig := r.run(t, systemReq())
+	if n != 1 {
+		t.Fatalf("exported %d lines", n)
+	}
+	t.Logf("one 10 MB resource: peak heap growth %.1f MB", float64(heapBig)/1e6)
+	if heapBig > 64<<20 {
+		t.Errorf("one 10 MB resource took %d MB of heap", heapBig>>20)
+	}
+	small := func(from, to int) {
+		var bodies []string
+		for i := from; i < to; i++ {
+			bodies = append(bodies, fmt.Sprintf(`{"resourceType":"Observation","id":"o%d","status":"final","code":{"text":"%s"}}`, i, strings.Repeat("x", 200)))
+			if len(bodies) == 5000 {
+				r.put(t, bodies...)
+				bodies = bodies[:0]
+			}
+		}
+		if len(bodies) > 0 {
+			r.put(t, bodies...)
+		}
+	}
+	small(0, 20_000)
+	req := systemReq()
+	req.Types = []string{"Observation"}
+	n1, heap1 := r.run(t, req)
+	small(20_000, 200_000)
+	n2, heap2 := r.run(t, req)
+	t.Logf("%d small resources: peak heap growth %.1f MB; %d: %.1f MB", n1, float64(heap1)/1e6, n2, float64(heap2)/1e6)
+	if n1 != 20_000 || n2 != 200_000 {
+		t.Fatalf("exported %d and %d lines", n1, n2)
+	}
+	// Ten times the data (about 50 MB of NDJSON) may not take ten times the heap.
+	if heap2 > 32<<20 || heap2 > 3*heap1+8<<20 {
+		t.Errorf("heap grew with the data: %d MB for 20k, %d MB for 200k", heap1>>20, heap2>>20)
+	}
+}
