@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -540,5 +541,57 @@ func TestSystemExport615(t *testing.T) {
 		if perType[typ] != n {
 			t.Errorf("%s: exported %d lines, store has %d", typ, perType[typ], n)
 		}
+	}
+}
+
+// TestFailedExport: an export whose files cannot be written fails with a 500
+// OperationOutcome and X-Progress: entered-in-error, shows no manifest, and
+// leaves no files behind.
+func TestFailedExport(t *testing.T) {
+	e := newEnv(t, envOpts{noWorkers: true})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`, obs("o1", "a", ""))
+	loc := e.kickOff("GET", "/$export", nil)
+	id := loc[strings.LastIndex(loc, "/")+1:]
+	// A file where the job's folder should be: every part write fails.
+	os.MkdirAll(filepath.Join(e.dir, "exports"), 0o700)
+	if err := os.WriteFile(filepath.Join(e.dir, "exports", id), []byte("in the way"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorkers()
+	r, _ := e.wait(loc)
+	if r.StatusCode != 500 || r.Header.Get("X-Progress") != "entered-in-error" {
+		t.Fatalf("failed export: %d %q %s", r.StatusCode, r.Header.Get("X-Progress"), r.body)
+	}
+	if txt := r.outcomeText(t); !strings.Contains(txt, "export failed") {
+		t.Fatalf("outcome %q", txt)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "exports", id)); !os.IsNotExist(err) {
+		t.Fatalf("failed job's files remain: %v", err)
+	}
+}
+
+// TestRetentionSweep: finished exports are removed after the retention time.
+func TestRetentionSweep(t *testing.T) {
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	e := newEnv(t, envOpts{exportCfg: export.Config{Retention: time.Hour, Now: func() time.Time { return time.Unix(0, now.Load()) }}})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`)
+	loc := e.kickOff("GET", "/$export", nil)
+	m := e.mustComplete(loc)
+	if err := e.svc.Sweep(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.do("GET", m.Output[0].URL, nil); r.StatusCode != 200 {
+		t.Fatalf("file before expiry: %d", r.StatusCode)
+	}
+	now.Add(int64(2 * time.Hour))
+	if err := e.svc.Sweep(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.do("GET", loc, nil); r.StatusCode != 404 {
+		t.Fatalf("status after expiry: %d", r.StatusCode)
+	}
+	if r := e.do("GET", m.Output[0].URL, nil); r.StatusCode != 404 {
+		t.Fatalf("file after expiry: %d", r.StatusCode)
 	}
 }
