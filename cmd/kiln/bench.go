@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
@@ -182,7 +183,7 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 		}
 		break
 	}
-	var lines, bytes int64
+	var lines, size int64
 	buf := make([]byte, 256<<10)
 	for _, o := range m.Output {
 		res, err := http.Get(o.URL)
@@ -191,12 +192,8 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 		}
 		for {
 			n, err := res.Body.Read(buf)
-			bytes += int64(n)
-			for _, c := range buf[:n] {
-				if c == '\n' {
-					lines++
-				}
-			}
+			size += int64(n)
+			lines += int64(bytes.Count(buf[:n], []byte{'\n'}))
 			if err == io.EOF {
 				break
 			}
@@ -212,7 +209,7 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 	if res, err := http.DefaultClient.Do(req); err == nil {
 		res.Body.Close()
 	}
-	return lines, bytes, nil
+	return lines, size, nil
 }
 
 // peakRSS is the process's peak resident set in MB since the last reset (Linux).
