@@ -29,6 +29,11 @@ func (db *DB) CreateJob(ctx context.Context, j *kiln.Job, units []kiln.Unit) err
 			j.ID, j.Owner, string(j.State), ms(j.Created), ms(j.Updated), doc); err != nil {
 			return fmt.Errorf("insert job: %w", err)
 		}
+		if db.events != nil {
+			if err := insertMessages(ctx, tx, db.events.JobChanged(nil, j)); err != nil {
+				return err
+			}
+		}
 		return insertUnits(ctx, tx, units)
 	})
 }
@@ -104,8 +109,14 @@ func (db *DB) UpdateJob(ctx context.Context, id string, fn func(*kiln.Job) error
 		if err := json.Unmarshal(doc, &j); err != nil {
 			return fmt.Errorf("decode job %s: %w", id, err)
 		}
+		old := j
 		if err := fn(&j); err != nil {
 			return err
+		}
+		if db.events != nil && old.State != j.State {
+			if err := insertMessages(ctx, tx, db.events.JobChanged(&old, &j)); err != nil {
+				return err
+			}
 		}
 		j.Updated = db.now().UTC()
 		if doc, err = json.Marshal(&j); err != nil {

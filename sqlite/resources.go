@@ -51,6 +51,19 @@ func (db *DB) Write(ctx context.Context, ws []kiln.Write) ([]kiln.WriteResult, e
 	if err := w.flush(ctx); err != nil {
 		return nil, err
 	}
+	if db.events != nil {
+		var changed []kiln.WriteResult
+		for _, r := range out {
+			if !r.Unchanged {
+				changed = append(changed, r)
+			}
+		}
+		if len(changed) > 0 {
+			if err := insertMessages(ctx, tx, db.events.ResourcesWritten(changed)); err != nil {
+				return nil, err
+			}
+		}
+	}
 	if err := tx.Commit(); err != nil {
 		return nil, fmt.Errorf("commit write: %w", err)
 	}

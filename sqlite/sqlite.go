@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kiln-fhir/kiln"
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
 
@@ -30,6 +31,8 @@ type DB struct {
 	// nextRID is the next resource row id (0: read it from the table); guarded by mu.
 	nextRID int64
 	now     func() time.Time
+	// events, when set, makes the outbox messages written with each change.
+	events kiln.Events
 }
 
 var schema = []string{
@@ -84,6 +87,9 @@ var schema = []string{
 		PRIMARY KEY(job, ord)) WITHOUT ROWID`,
 	`CREATE INDEX IF NOT EXISTS job_patients_patient ON job_patients(job, patient)`,
 	`CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+	`CREATE TABLE IF NOT EXISTS outbox(
+		seq INTEGER PRIMARY KEY AUTOINCREMENT,
+		topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, headers BLOB)`,
 }
 
 // Open opens (creating if needed) the database in dir.

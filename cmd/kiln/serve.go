@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
+	"github.com/kiln-fhir/kiln/kafka"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/sqlite"
 	"github.com/kiln-fhir/kiln/synth"
@@ -37,6 +39,15 @@ type serveConfig struct {
 	logLevel, logFormat             string
 	demo                            bool
 	demoPatients                    int
+	kafka                           kafkaFlags
+}
+
+type kafkaFlags struct {
+	brokers, topic, clientID, source string
+	tls                              bool
+	tlsCA                            string
+	sasl, saslUser, saslPasswordFile string
+	resourceTopic, resourceTypes     string
 }
 
 func serveFlags(fs *flag.FlagSet) *serveConfig {
@@ -59,6 +70,18 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	fs.BoolVar(&c.demo, "demo", false, "seed generated sample patients into an empty store and print example requests")
 	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
+	k := &c.kafka
+	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
+	fs.StringVar(&k.topic, "kafka-topic", "fhir.bulk_export.events", "topic of bulk export events")
+	fs.StringVar(&k.clientID, "kafka-client-id", "kiln", "Kafka client id")
+	fs.StringVar(&k.source, "kafka-source", "", "CloudEvents source (default: the server's base URL)")
+	fs.BoolVar(&k.tls, "kafka-tls", false, "connect to the brokers with TLS")
+	fs.StringVar(&k.tlsCA, "kafka-tls-ca", "", "PEM CA bundle to trust for --kafka-tls (default: the system's)")
+	fs.StringVar(&k.sasl, "kafka-sasl", "", "SASL mechanism: plain, scram-sha-256 or scram-sha-512")
+	fs.StringVar(&k.saslUser, "kafka-sasl-user", "", "SASL user")
+	fs.StringVar(&k.saslPasswordFile, "kafka-sasl-password-file", "", "file holding the SASL password")
+	fs.StringVar(&k.resourceTopic, "kafka-resource-topic", "", "topic of resource-change events (off when empty)")
+	fs.StringVar(&k.resourceTypes, "kafka-resource-types", "", "comma-separated types whose changes are sent to --kafka-resource-topic (* for all)")
 	return c
 }
 
@@ -113,6 +136,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient,
 		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,
 	})
+	relay, err := setupKafka(db, &c.kafka, public+c.basePath, log)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	if c.demo {
 		if err := seedDemo(ctx, db, c, log); err != nil {
 			ln.Close()
@@ -139,6 +167,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			log.Error("export workers stopped", "err", err)
 		}
 	}()
+	if relay != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer relay.Client.Close()
+			relay.Run(runCtx)
+		}()
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.basePath, "data", c.data, "version", version())
@@ -214,4 +250,37 @@ Try:
   # Cancel (or delete a finished export):
   curl -si -X DELETE <Content-Location>
 `, base)
+}
+
+// setupKafka turns on the outbox and returns its relay, or nil when Kafka is off.
+func setupKafka(db *sqlite.DB, k *kafkaFlags, base string, log *slog.Logger) (*kafka.Relay, error) {
+	if k.brokers == "" {
+		if k.resourceTopic != "" {
+			return nil, fmt.Errorf("--kafka-resource-topic needs --kafka-brokers")
+		}
+		return nil, nil
+	}
+	cfg := kafka.Config{Brokers: splitList(k.brokers), ClientID: k.clientID, TLS: k.tls, TLSCAFile: k.tlsCA, SASL: k.sasl, SASLUser: k.saslUser}
+	if k.saslPasswordFile != "" {
+		b, err := os.ReadFile(k.saslPasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("--kafka-sasl-password-file: %w", err)
+		}
+		cfg.SASLPassword = strings.TrimSpace(string(b))
+	}
+	client, err := kafka.NewClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	source := k.source
+	if source == "" {
+		source = base
+	}
+	ev := &kafka.Events{Topic: k.topic, Source: source, ResourceTopic: k.resourceTopic, ResourceTypes: map[string]bool{}}
+	for _, t := range splitList(k.resourceTypes) {
+		ev.ResourceTypes[t] = true
+	}
+	db.SetEvents(ev)
+	log.Info("kafka events on", "brokers", k.brokers, "topic", k.topic, "resourceTopic", k.resourceTopic)
+	return &kafka.Relay{Outbox: db, Client: client, Logger: log}, nil
 }
