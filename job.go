@@ -122,17 +122,33 @@ type Part struct {
 	Kind string `json:"kind"`
 }
 
+// WriteOptions tune how a sink writes one file.
+type WriteOptions struct {
+	// PartSize is the multipart upload part size in bytes, where the sink uploads in parts.
+	PartSize int64
+}
+
 // Sink stores export files. Names are unique within a job.
 type Sink interface {
 	// Create opens name for writing, replacing any earlier content; the file
-	// is complete and durable once Close returns nil.
-	Create(ctx context.Context, job, name string) (io.WriteCloser, error)
+	// is complete and durable once Close returns nil. A writer that also has
+	// Abort() error is aborted, instead of closed, when the unit fails.
+	Create(ctx context.Context, job, name string, opt WriteOptions) (io.WriteCloser, error)
 	// Open reads a file; ENOTFOUND when it is missing.
 	Open(ctx context.Context, job, name string) (io.ReadCloser, error)
 	// RemovePrefix deletes the job's files whose names start with prefix.
 	RemovePrefix(ctx context.Context, job, prefix string) error
 	// RemoveJob deletes all of a job's files.
 	RemoveJob(ctx context.Context, job string) error
+}
+
+// URLSink is a Sink whose files clients download from the sink itself (e.g.
+// presigned S3 URLs) rather than through Kiln. Each part is then a file of
+// its own in the manifest.
+type URLSink interface {
+	Sink
+	// URL returns where a client downloads the file now.
+	URL(ctx context.Context, job, name string) (string, error)
 }
 
 // JobStore keeps export jobs and their work units.

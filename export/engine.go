@@ -541,7 +541,12 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	files := assemble(parts, s.cfg.MaxFileResources, s.cfg.MaxFileBytes)
+	maxCount, maxBytes := s.cfg.MaxFileResources, s.cfg.MaxFileBytes
+	if _, ok := s.sink.(kiln.URLSink); ok {
+		// Clients fetch from the sink: a file cannot span parts.
+		maxCount, maxBytes = 1, 1
+	}
+	files := assemble(parts, maxCount, maxBytes)
 	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
 		if j.Finished() {
 			return errJobGone
@@ -724,6 +729,17 @@ func (s *Service) Sweep(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// FileURL returns where a client downloads a manifest file, when the sink
+// serves files itself (ok false: Kiln's own file endpoint serves it).
+func (s *Service) FileURL(ctx context.Context, j *kiln.Job, f *kiln.File) (url string, ok bool, err error) {
+	us, isURL := s.sink.(kiln.URLSink)
+	if !isURL || len(f.Parts) != 1 {
+		return "", false, nil
+	}
+	u, err := us.URL(ctx, j.ID, f.Parts[0])
+	return u, err == nil, err
 }
 
 // OpenFile opens a manifest file of a completed job: its parts in order.

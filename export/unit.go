@@ -12,7 +12,7 @@ import (
 // execute runs one unit and returns the parts it wrote.
 func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
 	req := &job.Request
-	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u.Seq),
+	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u.Seq), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
 	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
 	if req.Since != nil {
@@ -114,6 +114,7 @@ type partWriter struct {
 	prefix   string
 	maxCount int64
 	maxBytes int64
+	opt      kiln.WriteOptions
 	open     map[string]*openPart
 	done     []kiln.Part
 	n        int
@@ -138,7 +139,7 @@ func (w *partWriter) write(kind, typ string, line []byte) error {
 		}
 		w.n++
 		name := fmt.Sprintf("%s%s-%s-%03d.ndjson", w.prefix, kind, typ, w.n)
-		f, err := w.sink.Create(w.ctx, w.job, name)
+		f, err := w.sink.Create(w.ctx, w.job, name, w.opt)
 		if err != nil {
 			return err
 		}
@@ -172,8 +173,13 @@ func (w *partWriter) close() ([]kiln.Part, error) {
 	return w.done, firstErr
 }
 
+// abort drops the unit's open parts; a sink that uploads in parts aborts the upload.
 func (w *partWriter) abort() {
 	for _, p := range w.open {
+		if a, ok := p.w.(interface{ Abort() error }); ok {
+			a.Abort()
+			continue
+		}
 		p.w.Close()
 	}
 	w.open = nil

@@ -126,7 +126,12 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 		s.forgetPolls(id)
 		w.Header().Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
 		w.Header().Set("X-Progress", string(kiln.JobCompleted))
-		writeJSON(w, http.StatusOK, "application/json", s.manifest(r, j))
+		m, err := s.manifest(r, j)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, "application/json", m)
 	default:
 		s.writeError(w, r, kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id))
 	}
@@ -149,7 +154,9 @@ type manifest struct {
 	Errors []manifestFile `json:"errors"`
 }
 
-func (s *Server) manifest(r *http.Request, j *kiln.Job) manifest {
+// manifest builds the manifest; file URLs from a URL sink (presigned S3) are
+// made anew on every poll, so a client that re-polls gets fresh ones.
+func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
 	m := manifest{
 		TransactionTime: fhir.FormatInstant(j.TransactionTime),
 		Request:         j.Request.RequestURL,
@@ -157,8 +164,14 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job) manifest {
 		Deleted:         []manifestFile{},
 		Error:           []manifestFile{},
 	}
-	for _, f := range j.Files {
+	for i := range j.Files {
+		f := &j.Files[i]
 		mf := manifestFile{Type: f.Type, URL: s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), Count: f.Count}
+		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil {
+			return m, err
+		} else if ok {
+			mf.URL = u
+		}
 		switch f.Kind {
 		case "output":
 			m.Output = append(m.Output, mf)
@@ -169,7 +182,7 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job) manifest {
 		}
 	}
 	m.Errors = m.Error
-	return m
+	return m, nil
 }
 
 func (s *Server) exportCancel(w http.ResponseWriter, r *http.Request) {

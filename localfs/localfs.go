@@ -51,7 +51,7 @@ func (f *file) Close() error {
 }
 
 // Create implements kiln.Sink.
-func (s *Sink) Create(ctx context.Context, job, name string) (io.WriteCloser, error) {
+func (s *Sink) Create(ctx context.Context, job, name string, _ kiln.WriteOptions) (io.WriteCloser, error) {
 	p, err := s.path(job, name)
 	if err != nil {
 		return nil, err

@@ -14,7 +14,7 @@ func TestSinkRoundTripAndConfinement(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := s.Create(ctx, "job", "000001-a.ndjson")
+	w, err := s.Create(ctx, "job", "000001-a.ndjson", kiln.WriteOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,12 +18,14 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/kafka"
 	"github.com/kiln-fhir/kiln/localfs"
+	"github.com/kiln-fhir/kiln/s3"
 	"github.com/kiln-fhir/kiln/sqlite"
 	"github.com/kiln-fhir/kiln/synth"
 )
@@ -40,6 +42,8 @@ type serveConfig struct {
 	demo                            bool
 	demoPatients                    int
 	kafka                           kafkaFlags
+	sink                            string
+	s3                              s3.Config
 }
 
 type kafkaFlags struct {
@@ -70,6 +74,14 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	fs.BoolVar(&c.demo, "demo", false, "seed generated sample patients into an empty store and print example requests")
 	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
+	fs.StringVar(&c.sink, "sink", "local", "where export files go: local (the data folder, served by Kiln) or s3")
+	fs.StringVar(&c.s3.Bucket, "s3-bucket", "", "S3 bucket for --sink s3")
+	fs.StringVar(&c.s3.Prefix, "s3-prefix", "", "key prefix for export objects")
+	fs.StringVar(&c.s3.Endpoint, "s3-endpoint", "", "S3 endpoint URL for S3-compatible servers (default: AWS)")
+	fs.BoolVar(&c.s3.PathStyle, "s3-path-style", false, "path-style S3 addressing (bucket in the path), for S3-compatible servers")
+	fs.StringVar(&c.s3.Region, "s3-region", "us-east-1", "S3 region")
+	fs.StringVar(&c.s3.URLStyle, "s3-url-style", "presigned", "manifest URLs: presigned (HTTPS, no credentials needed) or s3 (s3://bucket/key, Helix's form)")
+	fs.DurationVar(&c.s3.URLExpiry, "s3-url-expiry", time.Hour, "lifetime of presigned URLs; re-polling the status gives fresh ones")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
 	fs.StringVar(&k.topic, "kafka-topic", "fhir.bulk_export.events", "topic of bulk export events")
@@ -119,9 +131,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer db.Close()
-	sink, err := localfs.New(filepath.Join(c.data, "exports"))
-	if err != nil {
-		return err
+	var sink kiln.Sink
+	switch c.sink {
+	case "local":
+		if sink, err = localfs.New(filepath.Join(c.data, "exports")); err != nil {
+			return err
+		}
+	case "s3":
+		if sink, err = s3.New(ctx, c.s3); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("--sink %q: use local or s3", c.sink)
 	}
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
