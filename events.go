@@ -25,8 +25,8 @@ type Events interface {
 type Outbox interface {
 	// PendingMessages returns up to limit messages, oldest first.
 	PendingMessages(ctx context.Context, limit int) ([]Message, error)
-	// DeleteMessages removes the messages with Seq ≤ upTo (delivered).
-	DeleteMessages(ctx context.Context, upTo int64) error
+	// DeleteMessages removes delivered messages.
+	DeleteMessages(ctx context.Context, seqs []int64) error
 	// OutboxSize counts undelivered messages.
 	OutboxSize(ctx context.Context) (int, error)
 }

@@ -168,8 +168,12 @@ type JobStore interface {
 	// lease expires; nil when none is pending.
 	ClaimUnit(ctx context.Context, lease time.Duration) (*Unit, error)
 	// FinishUnit records a unit's parts and counts it done; it reports false
-	// when the unit was not running (its job was cancelled or its lease lost).
+	// when this claim of the unit is no longer running (its lease ran out and
+	// the unit went to another worker, or its job was removed). Attempts is
+	// the fencing token: only the latest claim may finish.
 	FinishUnit(ctx context.Context, u *Unit, parts []Part) (bool, error)
+	// HeartbeatUnit extends a running unit's lease; false when the claim was lost.
+	HeartbeatUnit(ctx context.Context, u *Unit, lease time.Duration) (bool, error)
 	// ReleaseUnit puts a claimed unit back to pending (it will be redone).
 	ReleaseUnit(ctx context.Context, u *Unit) error
 	// ReleaseExpired puts units whose lease ran out back to pending.

@@ -351,13 +351,67 @@ func (s *Service) Run(ctx context.Context) error {
 			s.work(ctx, i)
 		}()
 	}
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		s.sweep(ctx)
 	}()
+	go func() {
+		defer wg.Done()
+		s.reclaim(ctx)
+	}()
 	wg.Wait()
 	return nil
+}
+
+// reclaim hands units whose worker stopped heart-beating (a killed process,
+// a lost pod) back to pending, so another worker redoes them.
+func (s *Service) reclaim(ctx context.Context) {
+	t := time.NewTicker(max(s.cfg.Lease/4, 100*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := s.jobs.ReleaseExpired(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Error("reclaim expired export units", "err", err)
+			}
+			continue
+		}
+		if n > 0 {
+			s.log.Warn("export units reclaimed from workers that stopped", "units", n)
+			s.poke()
+		}
+	}
+}
+
+// heartbeat keeps a unit's lease while it runs; when the claim is lost the
+// unit stops, and whoever holds it now does the work.
+func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost func()) {
+	t := time.NewTicker(max(s.cfg.Lease/3, 50*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ok, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("export unit heartbeat failed", "job", u.Job, "unit", u.Seq, "err", err)
+			}
+			continue
+		}
+		if !ok {
+			lost()
+			return
+		}
+	}
 }
 
 func (s *Service) recover(ctx context.Context) error {
@@ -425,7 +479,10 @@ func (s *Service) unregister(u *kiln.Unit) {
 	s.unitsDone.Broadcast()
 }
 
-var errJobGone = errors.New("job was cancelled")
+var (
+	errJobGone   = errors.New("job was cancelled")
+	errLeaseLost = errors.New("unit lease lost")
+)
 
 func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 	ctx, cancel := context.WithCancelCause(parent)
@@ -434,6 +491,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 		cancel(nil)
 		s.unregister(u)
 	}()
+	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) })
 	job, err := s.jobs.GetJob(ctx, u.Job)
 	if err != nil {
 		s.log.Error("export unit without job", "job", u.Job, "unit", u.Seq, "err", err)
@@ -458,8 +516,13 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 	}
 	parts, err := s.execute(ctx, job, u)
 	if err != nil {
-		if context.Cause(ctx) == errJobGone {
+		switch context.Cause(ctx) {
+		case errJobGone:
 			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+			return
+		case errLeaseLost:
+			// Another worker has the unit now and starts it from scratch.
+			s.log.Warn("export unit lease lost; left to its new worker", "job", u.Job, "unit", u.Seq)
 			return
 		}
 		if parent.Err() != nil {
@@ -477,7 +540,11 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 		if err != nil && parent.Err() == nil {
 			s.log.Error("finish export unit", "job", u.Job, "unit", u.Seq, "err", err)
 		}
-		_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+		if context.Cause(ctx) != errLeaseLost && err == nil {
+			// The job is gone: its files go too. (After a lost lease the
+			// files belong to the unit's new worker and stay.)
+			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+		}
 		return
 	}
 	var n int64

@@ -153,17 +153,16 @@ func (r *Relay) deliver(ctx context.Context) (int, error) {
 		errs[res.Record] = res.Err
 	}
 	// Acknowledge the longest prefix that was delivered; the rest is sent again.
-	var acked int64
-	n := 0
+	var acked []int64
 	var firstErr error
 	for i, rec := range recs {
 		if err := errs[rec]; err != nil {
 			firstErr = err
 			break
 		}
-		acked = msgs[i].Seq
-		n++
+		acked = append(acked, msgs[i].Seq)
 	}
+	n := len(acked)
 	if n > 0 {
 		if err := r.Outbox.DeleteMessages(context.WithoutCancel(ctx), acked); err != nil {
 			return n, err

@@ -220,8 +220,8 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 	}
 	var ok bool
 	err = db.inTx(ctx, func(tx *sql.Tx) error {
-		r, err := tx.ExecContext(ctx, `UPDATE units SET state=?, result=? WHERE job=? AND seq=? AND state=?`,
-			unitDone, res, u.Job, u.Seq, unitRunning)
+		r, err := tx.ExecContext(ctx, `UPDATE units SET state=?, result=? WHERE job=? AND seq=? AND state=? AND attempts=?`,
+			unitDone, res, u.Job, u.Seq, unitRunning, u.Attempts)
 		if err != nil {
 			return fmt.Errorf("finish unit: %w", err)
 		}
@@ -232,9 +232,20 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 	return ok, err
 }
 
+// HeartbeatUnit implements kiln.JobStore.
+func (db *DB) HeartbeatUnit(ctx context.Context, u *kiln.Unit, lease time.Duration) (bool, error) {
+	r, err := db.exec(ctx, `UPDATE units SET lease=? WHERE job=? AND seq=? AND state=? AND attempts=?`,
+		ms(db.now().Add(lease)), u.Job, u.Seq, unitRunning, u.Attempts)
+	if err != nil {
+		return false, err
+	}
+	n, _ := r.RowsAffected()
+	return n == 1, nil
+}
+
 // ReleaseUnit implements kiln.JobStore.
 func (db *DB) ReleaseUnit(ctx context.Context, u *kiln.Unit) error {
-	_, err := db.exec(ctx, `UPDATE units SET state=?, lease=0 WHERE job=? AND seq=? AND state=?`, unitPending, u.Job, u.Seq, unitRunning)
+	_, err := db.exec(ctx, `UPDATE units SET state=?, lease=0 WHERE job=? AND seq=? AND state=? AND attempts=?`, unitPending, u.Job, u.Seq, unitRunning, u.Attempts)
 	return err
 }
 

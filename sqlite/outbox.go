@@ -49,9 +49,15 @@ func (db *DB) PendingMessages(ctx context.Context, limit int) ([]kiln.Message, e
 }
 
 // DeleteMessages implements kiln.Outbox.
-func (db *DB) DeleteMessages(ctx context.Context, upTo int64) error {
-	_, err := db.exec(ctx, `DELETE FROM outbox WHERE seq <= ?`, upTo)
-	return err
+func (db *DB) DeleteMessages(ctx context.Context, seqs []int64) error {
+	return db.inTx(ctx, func(tx *sql.Tx) error {
+		for _, s := range seqs {
+			if _, err := tx.ExecContext(ctx, `DELETE FROM outbox WHERE seq = ?`, s); err != nil {
+				return fmt.Errorf("delete outbox message: %w", err)
+			}
+		}
+		return nil
+	})
 }
 
 // OutboxSize implements kiln.Outbox.

@@ -461,12 +461,22 @@ func testUnits(t *testing.T, s Store) {
 	if ok, _ := s.FinishUnit(ctx, u1, nil); ok {
 		t.Fatal("a unit finished twice")
 	}
+	if ok, err := s.HeartbeatUnit(ctx, u2, time.Minute); !ok || err != nil {
+		t.Fatalf("heartbeat: %v %v", ok, err)
+	}
 	if err := s.ReleaseUnit(ctx, u2); err != nil {
 		t.Fatal(err)
 	}
 	u4, _ := s.ClaimUnit(ctx, time.Minute)
 	if u4 == nil || u4.Seq != u2.Seq || u4.Attempts != 2 {
 		t.Fatalf("released unit claimed again: %+v", u4)
+	}
+	// The old claim is fenced off: it can neither heartbeat nor finish.
+	if ok, _ := s.HeartbeatUnit(ctx, u2, time.Minute); ok {
+		t.Fatal("a superseded claim kept its lease")
+	}
+	if ok, _ := s.FinishUnit(ctx, u2, nil); ok {
+		t.Fatal("a superseded claim finished the unit")
 	}
 	total, done, _ := s.UnitCounts(ctx, "j1")
 	if total != 2 || done != 1 {
@@ -485,6 +495,21 @@ func testUnits(t *testing.T, s Store) {
 	}
 	if ok, _ := s.FinishUnit(ctx, u4, nil); !ok {
 		t.Fatal("a running unit of a cancelled job can still be recorded; the engine discards it")
+	}
+	// A lease that runs out hands the unit back.
+	job2 := &kiln.Job{ID: "j2", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
+	if err := s.CreateJob(ctx, job2, []kiln.Unit{{Job: "j2", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}); err != nil {
+		t.Fatal(err)
+	}
+	u5, _ := s.ClaimUnit(ctx, -time.Second)
+	if u5 == nil || u5.Job != "j2" {
+		t.Fatalf("claim of j2: %+v", u5)
+	}
+	if n, err := s.ReleaseExpired(ctx); n != 1 || err != nil {
+		t.Fatalf("release expired: %d %v", n, err)
+	}
+	if u6, _ := s.ClaimUnit(ctx, time.Minute); u6 == nil || u6.Job != "j2" || u6.Attempts != 2 {
+		t.Fatalf("expired unit claimed again: %+v", u6)
 	}
 	if err := s.DeleteJob(ctx, "j1"); err != nil {
 		t.Fatal(err)
