@@ -24,7 +24,9 @@ import (
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/localfs"
+	"github.com/kiln-fhir/kiln/postgres"
 	"github.com/kiln-fhir/kiln/sqlite"
+	"github.com/kiln-fhir/kiln/storetest"
 )
 
 // dataDir is the shared Synthea data, beside the repository.
@@ -48,10 +50,47 @@ type envOpts struct {
 	keepServer bool
 }
 
+// testStore is the store under test: SQLite, or PostgreSQL when
+// KILN_TEST_STORE=postgres (scripts/test runs this package both ways).
+type testStore interface {
+	storetest.Store
+	Close() error
+}
+
+// openStore opens the store named key: a folder for SQLite, a schema for
+// PostgreSQL. Opening the same key again reopens the same data.
+func openStore(t testing.TB, key string) testStore {
+	t.Helper()
+	if os.Getenv("KILN_TEST_STORE") != "postgres" {
+		db, err := sqlite.Open(context.Background(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return db
+	}
+	url := os.Getenv("KILN_POSTGRES_URL")
+	if url == "" {
+		t.Fatal("KILN_TEST_STORE=postgres needs KILN_POSTGRES_URL")
+	}
+	schema := "t" + strings.ReplaceAll(strings.ToLower(filepath.Base(filepath.Dir(key))+filepath.Base(key)), "-", "")
+	schema = strings.Map(func(r rune) rune {
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') || r == '_' {
+			return r
+		}
+		return '_'
+	}, schema)
+	db, err := postgres.Open(context.Background(), url, postgres.Options{Schema: schema})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { postgres.DropSchema(context.Background(), url, schema) })
+	return db
+}
+
 type env struct {
 	t       testing.TB
 	dir     string
-	db      *sqlite.DB
+	db      testStore
 	svc     *export.Service
 	srv     *httptest.Server
 	base    string
@@ -66,11 +105,7 @@ func newEnv(t testing.TB, o envOpts) *env {
 		o.dir = t.TempDir()
 	}
 	e := &env{t: t, dir: o.dir}
-	var err error
-	e.db, err = sqlite.Open(context.Background(), o.dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	e.db = openStore(t, o.dir)
 	sink, err := localfs.New(filepath.Join(o.dir, "exports"))
 	if err != nil {
 		t.Fatal(err)

@@ -444,14 +444,15 @@ func sep(path string) string {
 // restart with exactly the expected lines: no duplicates, no gaps.
 func TestRestartRecovery(t *testing.T) {
 	dir := t.TempDir()
-	e := newEnv(t, envOpts{dir: dir, noWorkers: true, exportCfg: export.Config{UnitSize: 1000}})
+	// A short lease: on PostgreSQL the dead worker's units come back when it runs out.
+	e := newEnv(t, envOpts{dir: dir, noWorkers: true, exportCfg: export.Config{UnitSize: 1000, Lease: time.Second}})
 	e.load(dataDir(t, "synthea-r4-100"))
 	counts, _ := e.db.Counts(context.Background())
 	loc := e.kickOff("GET", "/$export", nil)
 	id := loc[strings.LastIndex(loc, "/")+1:]
 	// A worker claims units and dies: one unit is left running with a half-written part.
 	for range 3 {
-		u, err := e.db.ClaimUnit(context.Background(), time.Hour)
+		u, err := e.db.ClaimUnit(context.Background(), time.Second)
 		if err != nil || u == nil {
 			t.Fatalf("claim: %v %v", u, err)
 		}
@@ -461,7 +462,7 @@ func TestRestartRecovery(t *testing.T) {
 	e.close()
 
 	// Restart on the same folder.
-	e2 := newEnv(t, envOpts{dir: dir, exportCfg: export.Config{UnitSize: 1000}})
+	e2 := newEnv(t, envOpts{dir: dir, exportCfg: export.Config{UnitSize: 1000, Lease: time.Second}})
 	m := e2.mustComplete(e2.base + "/$export/" + id)
 	got := e2.exported(m)
 	for typ, n := range counts {

@@ -204,3 +204,16 @@ func ms(t time.Time) int64 { return t.UnixMilli() }
 func fromMS(v int64) time.Time { return time.UnixMilli(v).UTC() }
 
 func notFound(err error) bool { return errors.Is(err, pgx.ErrNoRows) }
+
+// DropSchema removes a schema and everything in it (tests and benchmarks clean up with it).
+func DropSchema(ctx context.Context, url, schema string) error {
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return fmt.Errorf("postgres: connect: %w", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `DROP SCHEMA IF EXISTS `+pgx.Identifier{schema}.Sanitize()+` CASCADE`); err != nil {
+		return fmt.Errorf("postgres: drop schema %s: %w", schema, err)
+	}
+	return nil
+}

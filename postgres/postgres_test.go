@@ -28,11 +28,15 @@ func TestContract(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) storetest.Store {
 		b := make([]byte, 6)
 		rand.Read(b)
-		db, err := postgres.Open(context.Background(), u, postgres.Options{Schema: "test_" + hex.EncodeToString(b)})
+		schema := "test_" + hex.EncodeToString(b)
+		db, err := postgres.Open(context.Background(), u, postgres.Options{Schema: schema})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { db.Close() })
+		t.Cleanup(func() {
+			db.Close()
+			postgres.DropSchema(context.Background(), u, schema)
+		})
 		return db
 	})
 }

@@ -133,7 +133,6 @@ func TestMultipartObjectIsTheStream(t *testing.T) {
 	}
 }
 
-
 func bucketOf(s *s3.Sink) string {
 	// The bucket is the key's first path segment when the sink has no prefix.
 	u, _ := s.URL(context.Background(), "j", "n")

@@ -15,12 +15,12 @@ import (
 
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/ingest"
-	"github.com/kiln-fhir/kiln/sqlite"
 )
 
 func cmdImport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("kiln import", flag.ContinueOnError)
-	data := fs.String("data", "./kiln-data", "data folder of the embedded store")
+	var sf storeFlags
+	sf.register(fs)
 	batch := fs.Int("batch", 2000, "resources per write transaction")
 	workers := fs.Int("workers", runtime.NumCPU(), "parallel parsers")
 	base := fs.String("base-url", "", "absolute base URL(s) of this server, comma-separated; absolute references under them count as local")
@@ -37,11 +37,11 @@ func cmdImport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fs.Usage()
 		return errUsage
 	}
-	db, err := sqlite.Open(ctx, *data)
+	db, closer, err := sf.open(ctx)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer closer.Close()
 	start := time.Now()
 	tty := false
 	if f, ok := stderr.(*os.File); ok && !*quiet {

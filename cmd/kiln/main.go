@@ -15,6 +15,7 @@ const usage = `kiln — a FHIR R4 server built around Bulk Data $export
 
 Usage:
   kiln serve    [flags]          run the server (--demo seeds sample patients)
+  kiln worker   [flags]          run export work units from a shared store, without HTTP
   kiln import   [flags] PATH…    load NDJSON, NDJSON.gz and Bundle files or folders
   kiln generate [flags]          write deterministic synthetic patients as NDJSON
   kiln bench    [flags]          generate, import and export end to end, and report figures
@@ -50,6 +51,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = cmdServe(ctx, args[1:], stdout, stderr)
+	case "worker":
+		err = cmdWorker(ctx, args[1:], stdout, stderr)
 	case "import":
 		err = cmdImport(ctx, args[1:], stdout, stderr)
 	case "generate":

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -18,19 +17,16 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/kafka"
-	"github.com/kiln-fhir/kiln/localfs"
-	"github.com/kiln-fhir/kiln/s3"
-	"github.com/kiln-fhir/kiln/sqlite"
 	"github.com/kiln-fhir/kiln/synth"
 )
 
 type serveConfig struct {
+	store                           storeFlags
 	addr, data, basePath, publicURL string
 	maxBody                         int64
 	workers, unitSize               int
@@ -42,8 +38,8 @@ type serveConfig struct {
 	demo                            bool
 	demoPatients                    int
 	kafka                           kafkaFlags
-	sink                            string
-	s3                              s3.Config
+	sink                            sinkFlags
+	lease                           time.Duration
 }
 
 type kafkaFlags struct {
@@ -57,7 +53,7 @@ type kafkaFlags struct {
 func serveFlags(fs *flag.FlagSet) *serveConfig {
 	c := &serveConfig{}
 	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "address to listen on")
-	fs.StringVar(&c.data, "data", "./kiln-data", "data folder: the embedded database and export files")
+	c.store.register(fs)
 	fs.StringVar(&c.basePath, "base-path", "/4_0_0", "FHIR base path")
 	fs.StringVar(&c.publicURL, "public-url", "", "scheme://host[:port] clients reach Kiln at, for Content-Location and manifest URLs (default: the request's Host)")
 	fs.Int64Var(&c.maxBody, "max-body-bytes", 16<<20, "largest request body accepted")
@@ -74,14 +70,8 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	fs.BoolVar(&c.demo, "demo", false, "seed generated sample patients into an empty store and print example requests")
 	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
-	fs.StringVar(&c.sink, "sink", "local", "where export files go: local (the data folder, served by Kiln) or s3")
-	fs.StringVar(&c.s3.Bucket, "s3-bucket", "", "S3 bucket for --sink s3")
-	fs.StringVar(&c.s3.Prefix, "s3-prefix", "", "key prefix for export objects")
-	fs.StringVar(&c.s3.Endpoint, "s3-endpoint", "", "S3 endpoint URL for S3-compatible servers (default: AWS)")
-	fs.BoolVar(&c.s3.PathStyle, "s3-path-style", false, "path-style S3 addressing (bucket in the path), for S3-compatible servers")
-	fs.StringVar(&c.s3.Region, "s3-region", "us-east-1", "S3 region")
-	fs.StringVar(&c.s3.URLStyle, "s3-url-style", "presigned", "manifest URLs: presigned (HTTPS, no credentials needed) or s3 (s3://bucket/key, Helix's form)")
-	fs.DurationVar(&c.s3.URLExpiry, "s3-url-expiry", time.Hour, "lifetime of presigned URLs; re-polling the status gives fresh ones")
+	c.sink.register(fs)
+	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
 	fs.StringVar(&k.topic, "kafka-topic", "fhir.bulk_export.events", "topic of bulk export events")
@@ -126,23 +116,15 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	db, err := sqlite.Open(ctx, c.data)
+	c.data = c.store.data
+	db, closer, err := c.store.open(ctx)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
-	var sink kiln.Sink
-	switch c.sink {
-	case "local":
-		if sink, err = localfs.New(filepath.Join(c.data, "exports")); err != nil {
-			return err
-		}
-	case "s3":
-		if sink, err = s3.New(ctx, c.s3); err != nil {
-			return err
-		}
-	default:
-		return fmt.Errorf("--sink %q: use local or s3", c.sink)
+	defer closer.Close()
+	sink, err := c.sink.open(ctx, c.data)
+	if err != nil {
+		return err
 	}
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
@@ -154,7 +136,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	exp := export.New(db, db, sink, export.Config{
 		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
-		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient,
+		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease,
 		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,
 	})
 	relay, err := setupKafka(db, &c.kafka, public+c.basePath, log)
@@ -221,7 +203,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return err
 }
 
-func seedDemo(ctx context.Context, db *sqlite.DB, c *serveConfig, log *slog.Logger) error {
+func seedDemo(ctx context.Context, db backend, c *serveConfig, log *slog.Logger) error {
 	counts, err := db.Counts(ctx)
 	if err != nil {
 		return err
@@ -274,7 +256,7 @@ Try:
 }
 
 // setupKafka turns on the outbox and returns its relay, or nil when Kafka is off.
-func setupKafka(db *sqlite.DB, k *kafkaFlags, base string, log *slog.Logger) (*kafka.Relay, error) {
+func setupKafka(db backend, k *kafkaFlags, base string, log *slog.Logger) (*kafka.Relay, error) {
 	if k.brokers == "" {
 		if k.resourceTopic != "" {
 			return nil, fmt.Errorf("--kafka-resource-topic needs --kafka-brokers")
