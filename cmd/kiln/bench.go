@@ -26,7 +26,7 @@ import (
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/localfs"
-	"github.com/kiln-fhir/kiln/sqlite"
+	"github.com/kiln-fhir/kiln/postgres"
 	"github.com/kiln-fhir/kiln/synth"
 )
 
@@ -41,6 +41,8 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	work := fs.String("work", "", "working folder (default: a temporary one, removed afterwards)")
 	groupSize := fs.Int("group-patients", 1000, "patients in the Group exported")
 	workers := fs.Int("export-workers", runtime.NumCPU(), "export workers")
+	var sf storeFlags
+	sf.register(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: kiln bench [flags]\n\nGenerates patients, imports them and exports them through the HTTP API, printing\nresources, bytes, seconds, resources/s, MB/s and peak RSS per phase.\n\nFlags:")
 		fs.PrintDefaults()
@@ -70,11 +72,18 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "%-16s %12d %10.1f %9.2f %12.0f %8.1f %10.0f\n", name, n, float64(bytes)/1e6, d.Seconds(), float64(n)/d.Seconds(), float64(bytes)/1e6/d.Seconds(), peakRSS())
 	}
 	dataDir := filepath.Join(dir, "data")
-	db, err := sqlite.Open(ctx, dataDir)
+	sf.data = dataDir
+	if sf.kind == "postgres" && sf.postgresSchema == "" {
+		// A schema of its own, dropped afterwards, so the bench starts empty.
+		sf.postgresSchema = fmt.Sprintf("kiln_bench_%d", time.Now().UnixNano())
+		defer postgres.DropSchema(context.WithoutCancel(ctx), sf.postgresURL, sf.postgresSchema)
+	}
+	db, closer, err := sf.open(ctx)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer closer.Close()
+	fmt.Fprintf(stdout, "store: %s\n", sf.kind)
 	resetPeakRSS()
 	runtime.GC()
 	start = time.Now()
