@@ -31,10 +31,20 @@ type ExportRequest struct {
 	// RequestURL is the kick-off URL as the client sent it (for the manifest).
 	RequestURL string `json:"request"`
 	// Types is the _type list; empty means every type the client may read.
-	Types    []string   `json:"types,omitempty"`
-	Since    *time.Time `json:"since,omitempty"`
-	Until    *time.Time `json:"until,omitempty"`
-	Patients []string   `json:"patients,omitempty"`
+	Types []string `json:"types,omitempty"`
+	// TypesGiven is true when the client sent _type, even if none of its
+	// types is left after the scope check (then nothing is exported).
+	TypesGiven bool `json:"typesGiven,omitempty"`
+	// LimitTypes restricts the export to ReadTypes (the token's readable types).
+	LimitTypes bool     `json:"limitTypes,omitempty"`
+	ReadTypes  []string `json:"readTypes,omitempty"`
+	// LimitTenants restricts the export to records tagged with one of Tenants
+	// (the token's access/ codes).
+	LimitTenants bool       `json:"limitTenants,omitempty"`
+	Tenants      []string   `json:"tenants,omitempty"`
+	Since        *time.Time `json:"since,omitempty"`
+	Until        *time.Time `json:"until,omitempty"`
+	Patients     []string   `json:"patients,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
 	Elements              []string `json:"elements,omitempty"`
 	OutputFormat          string   `json:"outputFormat"`

@@ -89,6 +89,8 @@ type SearchQuery struct {
 	Count                       int
 	// After is the keyset cursor returned by the previous page.
 	After int64
+	// AccessCodes, when not nil, keeps only resources tagged with one of them.
+	AccessCodes []string
 }
 
 // SearchPage is a page of search results.
@@ -166,8 +168,9 @@ type ExportReader interface {
 	// snapshot) into runs of about size resources.
 	SplitType(ctx context.Context, typ string, snapshot time.Time, size int) ([]Cursor, error)
 	// Deletions lists tombstones with since < deletion ≤ until of the given
-	// types; with job set, only those in the job's patients' compartments.
-	Deletions(ctx context.Context, types []string, since, until time.Time, job string, fn func(Deleted) error) error
+	// types; with job set, only those in the job's patients' compartments;
+	// with codes not nil, only those tagged with one of them.
+	Deletions(ctx context.Context, types []string, since, until time.Time, job string, codes []string, fn func(Deleted) error) error
 	// PatientsAt lists the ids of patients that existed at snapshot, among ids (all when nil).
 	PatientsAt(ctx context.Context, snapshot time.Time, ids []string) ([]string, error)
 	// TypesPresent lists the types that have any resource.

@@ -212,6 +212,9 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 		return nil, err
 	}
 	var group struct {
+		Meta struct {
+			Security []struct{ System, Code string }
+		}
 		Member []struct {
 			Entity struct {
 				Reference string `json:"reference"`
@@ -221,6 +224,17 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 	}
 	if err := json.Unmarshal(g.Body, &group); err != nil {
 		return nil, fmt.Errorf("decode Group/%s: %w", req.GroupID, err)
+	}
+	if req.LimitTenants {
+		visible := false
+		for _, sec := range group.Meta.Security {
+			if sec.System == kiln.AccessSystem && slices.Contains(req.Tenants, sec.Code) {
+				visible = true
+			}
+		}
+		if !visible {
+			return nil, &kiln.Error{Code: kiln.ENOTFOUND, Message: fmt.Sprintf("Group/%s does not exist", req.GroupID)}
+		}
 	}
 	var members []string
 	for _, m := range group.Member {
@@ -253,13 +267,16 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 	req := &job.Request
 	d := fhir.R4()
 	types := present
-	if len(req.Types) > 0 {
+	if req.TypesGiven || len(req.Types) > 0 {
 		types = nil
 		for _, t := range req.Types {
 			if slices.Contains(present, t) {
 				types = append(types, t)
 			}
 		}
+	}
+	if req.LimitTypes {
+		types = slices.DeleteFunc(slices.Clone(types), func(t string) bool { return !slices.Contains(req.ReadTypes, t) })
 	}
 	var units []kiln.Unit
 	add := func(u kiln.Unit) {
@@ -308,6 +325,9 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		dt := exported
 		if len(req.Types) > 0 {
 			dt = req.Types
+		}
+		if req.LimitTypes {
+			dt = slices.DeleteFunc(slices.Clone(dt), func(t string) bool { return !slices.Contains(req.ReadTypes, t) })
 		}
 		if len(dt) > 0 {
 			add(kiln.Unit{Kind: kiln.UnitDeleted, Types: dt})
@@ -492,9 +512,16 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 		s.unregister(u)
 	}()
 	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) })
+	// Registered first, then checked: a Cancel either sees this unit running
+	// (and waits for it) or has already marked the job, which is seen here.
 	job, err := s.jobs.GetJob(ctx, u.Job)
 	if err != nil {
-		s.log.Error("export unit without job", "job", u.Job, "unit", u.Seq, "err", err)
+		if kiln.ErrorCode(err) != kiln.ENOTFOUND {
+			s.log.Error("export unit without job", "job", u.Job, "unit", u.Seq, "err", err)
+		}
+		return
+	}
+	if job.Finished() {
 		return
 	}
 	if job.State == kiln.JobAccepted {

@@ -311,6 +311,7 @@ func (p *parser) param(name, raw string, vals []string) {
 			r.Until = &u
 		}
 	case "_type":
+		r.TypesGiven = true
 		seen := map[string]bool{}
 		for _, t := range split(vals) {
 			if !fhir.R4().IsResourceType(t) {

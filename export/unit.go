@@ -15,6 +15,9 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u.Seq), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
 	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
+	if req.LimitTenants {
+		q.AccessCodes = append([]string{}, req.Tenants...)
+	}
 	if req.Since != nil {
 		q.Since = *req.Since
 	}
@@ -59,7 +62,7 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		if req.Level != kiln.LevelSystem && !(req.Level == kiln.LevelPatient && len(req.Patients) == 0) {
 			scope = job.ID
 		}
-		err = s.store.Deletions(ctx, u.Types, *req.Since, until, scope, func(d kiln.Deleted) error {
+		err = s.store.Deletions(ctx, u.Types, *req.Since, until, scope, q.AccessCodes, func(d kiln.Deleted) error {
 			return w.write("deleted", "Bundle", deletedBundle(d))
 		})
 	case kiln.UnitErrors:

@@ -43,6 +43,8 @@ func dataDir(t testing.TB, set string) string {
 }
 
 type envOpts struct {
+	// configure, if set, adjusts the HTTP configuration once the base URL is known.
+	configure  func(e *env, hc *httpapi.Config)
 	dir        string
 	noWorkers  bool
 	exportCfg  export.Config
@@ -130,6 +132,9 @@ func newEnv(t testing.TB, o envOpts) *env {
 	}
 	if hc.RetryAfter == 0 {
 		hc.RetryAfter = 1
+	}
+	if o.configure != nil {
+		o.configure(e, &hc)
 	}
 	e.srv.Config.Handler = httpapi.New(e.db, e.svc, hc, nil)
 	e.srv.Start()

@@ -5,17 +5,27 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 )
 
-// principal names the caller; without authentication everyone is "anonymous".
-func principal(r *http.Request) string { return "anonymous" }
+// exportAllowed refuses patient-scoped tokens for every export endpoint (as Helix does).
+func exportAllowed(p *auth.Principal) error {
+	if p.Patient {
+		return auth.Forbidden("bulk export cannot be used with patient/ scopes")
+	}
+	return nil
+}
+
+// owns reports whether the job is p's: anyone else gets the same 404 as an unknown id.
+func owns(p *auth.Principal, j *kiln.Job) bool { return j.Owner == p.Name }
 
 func (s *Server) kickOff(level string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -43,12 +53,22 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 				return
 			}
 		}
+		p := principal(r)
+		if err := exportAllowed(p); err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if !p.HasAccessScope {
+			s.writeError(w, r, auth.Forbidden("the token has no access/ scope, so it may export no records"))
+			return
+		}
 		req, err := export.ParseKickOff(k)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
 		}
-		job, err := s.exports.Start(r.Context(), req, principal(r))
+		applyScopes(p, req)
+		job, err := s.exports.Start(r.Context(), req, p.Name)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
@@ -93,10 +113,40 @@ func (s *Server) forgetPolls(job string) {
 	s.mu.Unlock()
 }
 
+// applyScopes narrows an export to what the token may read: types outside
+// its scopes become error-file lines and export nothing (Helix's behaviour);
+// records are limited to its access/ codes. The job keeps these for its whole run.
+func applyScopes(p *auth.Principal, req *kiln.ExportRequest) {
+	if !p.Read["*"] {
+		req.LimitTypes = true
+		for t := range p.Read {
+			req.ReadTypes = append(req.ReadTypes, t)
+		}
+		sort.Strings(req.ReadTypes)
+		kept := req.Types[:0:0]
+		for _, t := range req.Types {
+			if p.CanRead(t) {
+				kept = append(kept, t)
+				continue
+			}
+			req.Warnings = append(req.Warnings, kiln.Issue{Expression: "_type", Message: fmt.Sprintf("Cannot access %s with scope %s", t, strings.Join(p.Scopes, " "))})
+		}
+		req.Types = kept
+	}
+	if codes := p.AccessCodes(); codes != nil {
+		req.LimitTenants, req.Tenants = true, codes
+	}
+}
+
 func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("job")
+	p := principal(r)
+	if err := exportAllowed(p); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	j, err := s.exports.Job(r.Context(), id)
-	if err != nil || j.Owner != principal(r) {
+	if err != nil || !owns(p, j) {
 		if err == nil || kiln.ErrorCode(err) == kiln.ENOTFOUND {
 			err = kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
 		}
@@ -158,11 +208,12 @@ type manifest struct {
 // made anew on every poll, so a client that re-polls gets fresh ones.
 func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
 	m := manifest{
-		TransactionTime: fhir.FormatInstant(j.TransactionTime),
-		Request:         j.Request.RequestURL,
-		Output:          []manifestFile{},
-		Deleted:         []manifestFile{},
-		Error:           []manifestFile{},
+		TransactionTime:     fhir.FormatInstant(j.TransactionTime),
+		Request:             j.Request.RequestURL,
+		RequiresAccessToken: s.cfg.RequiresAccessToken,
+		Output:              []manifestFile{},
+		Deleted:             []manifestFile{},
+		Error:               []manifestFile{},
 	}
 	for i := range j.Files {
 		f := &j.Files[i]
@@ -170,7 +221,9 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
 		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil {
 			return m, err
 		} else if ok {
+			// Capability URLs from the sink: no token is needed, or to be sent.
 			mf.URL = u
+			m.RequiresAccessToken = false
 		}
 		switch f.Kind {
 		case "output":
@@ -187,8 +240,13 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
 
 func (s *Server) exportCancel(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("job")
+	p := principal(r)
+	if err := exportAllowed(p); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	j, err := s.exports.Job(r.Context(), id)
-	if err == nil && j.Owner != principal(r) {
+	if err == nil && !owns(p, j) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
 	}
 	if err == nil {
@@ -204,8 +262,13 @@ func (s *Server) exportCancel(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 	id, name := r.PathValue("job"), r.PathValue("name")
+	p := principal(r)
+	if err := exportAllowed(p); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	j, err := s.exports.Job(r.Context(), id)
-	if err == nil && (j.Owner != principal(r) || j.State != kiln.JobCompleted) {
+	if err == nil && (!owns(p, j) || j.State != kiln.JobCompleted) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "export job %s has no file %s", id, name)
 	}
 	if err != nil {

@@ -91,6 +91,10 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 	}
 	wr := fhir.Prepare(p, uuid.NewString(), s.refOptions(r))
 	wr.Kind = kiln.Create
+	if err := s.authorizeWrite(r, &wr); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	res, err := s.store.Write(r.Context(), []kiln.Write{wr})
 	if err != nil {
 		s.writeError(w, r, err)
@@ -135,6 +139,10 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	if err := s.authorizeWrite(r, &wr); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	res, err := s.store.Write(r.Context(), []kiln.Write{wr})
 	if err != nil {
 		s.writeError(w, r, err)
@@ -166,7 +174,14 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	if err := canRead(principal(r), typ); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	res, err := s.store.Read(r.Context(), typ, id)
+	if err == nil && !visible(principal(r), res.Body) {
+		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -188,7 +203,14 @@ func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
 		writeOutcome(w, http.StatusBadRequest, "error", "invalid", fmt.Sprintf("version %q is not a positive whole number", r.PathValue("vid")), "vid")
 		return
 	}
+	if err := canRead(principal(r), typ); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	res, err := s.store.ReadVersion(r.Context(), typ, id, v)
+	if err == nil && !visible(principal(r), res.Body) {
+		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s has no version %d", typ, id, v)
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -205,7 +227,12 @@ func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if _, err := s.store.Write(r.Context(), []kiln.Write{{Kind: kiln.Delete, Type: typ, ID: id}}); err != nil {
+	del := kiln.Write{Kind: kiln.Delete, Type: typ, ID: id}
+	if err := s.authorizeWrite(r, &del); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if _, err := s.store.Write(r.Context(), []kiln.Write{del}); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -243,7 +270,22 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	if err := canRead(principal(r), typ); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	versions, err := s.store.History(r.Context(), typ, id)
+	if err == nil {
+		// A record is visible by the tags of its newest version that has a body.
+		for _, v := range versions {
+			if !v.Deleted {
+				if !visible(principal(r), v.Body) {
+					err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
+				}
+				break
+			}
+		}
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -279,7 +321,11 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	q := kiln.SearchQuery{Type: typ, Count: 50}
+	if err := canRead(principal(r), typ); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	q := kiln.SearchQuery{Type: typ, Count: 50, AccessCodes: principal(r).AccessCodes()}
 	vals := r.URL.Query()
 	for name, vs := range vals {
 		switch name {
@@ -429,6 +475,9 @@ func (s *Server) bundle(w http.ResponseWriter, r *http.Request) {
 	case "transaction":
 		writes := make([]kiln.Write, 0, len(entries))
 		for _, e := range entries {
+			if e.Err == nil {
+				e.Err = s.authorizeWrite(r, &e.Write)
+			}
 			if e.Err != nil {
 				s.writeError(w, r, e.Err)
 				return
@@ -454,6 +503,9 @@ func (s *Server) bundle(w http.ResponseWriter, r *http.Request) {
 		for _, e := range entries {
 			var res kiln.WriteResult
 			err := e.Err
+			if err == nil {
+				err = s.authorizeWrite(r, &e.Write)
+			}
 			if err == nil {
 				var out []kiln.WriteResult
 				if out, err = s.store.Write(r.Context(), []kiln.Write{e.Write}); err == nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 )
@@ -40,6 +41,15 @@ type Config struct {
 	// of Retry-After before they get 429 (default 10; negative disables).
 	PollBurst int
 	Logger    *slog.Logger
+	// Verifier turns on bearer-token authentication (nil: none, every request
+	// is the anonymous principal with full access).
+	Verifier *auth.Verifier
+	// Key is Kiln's signing key, published at /auth/jwks; Token is the token endpoint.
+	Key   *auth.SigningKey
+	Token http.Handler
+	// RequiresAccessToken is the manifest's requiresAccessToken: true when file
+	// downloads from Kiln need the bearer token.
+	RequiresAccessToken bool
 }
 
 // Store is what the REST API needs.
@@ -96,6 +106,10 @@ func (s *Server) routes() {
 	b := s.cfg.BasePath
 	h := s.mux.HandleFunc
 	h("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	h("GET /.well-known/smart-configuration", s.smartConfiguration)
+	h("GET "+b+"/.well-known/smart-configuration", s.smartConfiguration)
+	h("GET /auth/jwks", s.jwks)
+	h("POST /auth/token", s.token)
 	h("GET /readyz", s.readyz)
 	h("GET "+b+"/metadata", s.metadata)
 
@@ -146,7 +160,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "request", id, "ms", time.Since(start).Milliseconds())
 	}()
 	r.Body = http.MaxBytesReader(rec, r.Body, s.cfg.MaxBodyBytes)
-	s.mux.ServeHTTP(rec, r)
+	authed := s.authenticate(rec, r)
+	if authed == nil {
+		return
+	}
+	s.mux.ServeHTTP(rec, authed)
 }
 
 type statusRecorder struct {

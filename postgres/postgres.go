@@ -113,6 +113,7 @@ var migrations = []string{
 	-- The clock: one row whose lock orders writes against snapshots.
 	CREATE TABLE clock(one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), floor BIGINT NOT NULL);
 	INSERT INTO clock(floor) VALUES (0);`,
+	`CREATE TABLE clients(id TEXT PRIMARY KEY, doc JSONB NOT NULL);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

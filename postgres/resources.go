@@ -363,6 +363,9 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 		}
 		where = append(where, cond+")")
 	}
+	if q.AccessCodes != nil {
+		where = append(where, "EXISTS (SELECT 1 FROM access a WHERE a.rid = resources.rid AND a.code = ANY("+arg(q.AccessCodes)+"::text[]))")
+	}
 	cond := strings.Join(where, " AND ")
 	page := &kiln.SearchPage{}
 	if err := db.pool.QueryRow(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {

@@ -217,20 +217,24 @@ func (db *DB) SplitType(ctx context.Context, typ string, snapshot time.Time, siz
 }
 
 // Deletions implements kiln.ExportReader.
-func (db *DB) Deletions(ctx context.Context, types []string, since, until time.Time, job string, fn func(kiln.Deleted) error) error {
+func (db *DB) Deletions(ctx context.Context, types []string, since, until time.Time, job string, codes []string, fn func(kiln.Deleted) error) error {
 	if len(types) == 0 {
 		return nil
 	}
 	var rows pgx.Rows
 	var err error
 	if job == "" {
-		rows, err = db.pool.Query(ctx, `SELECT type, id, lu FROM resources WHERE deleted AND lu > $1 AND lu <= $2
-			AND type = ANY($3::text[]) ORDER BY type, lu, rid`, ms(since), ms(until), types)
+		args := []any{ms(since), ms(until), types}
+		acc := accessCond(codes, "r.rid", &args)
+		rows, err = db.pool.Query(ctx, `SELECT r.type, r.id, r.lu FROM resources r WHERE r.deleted AND r.lu > $1 AND r.lu <= $2
+			AND r.type = ANY($3::text[])`+acc+` ORDER BY r.type, r.lu, r.rid`, args...)
 	} else {
+		args := []any{job, ms(since), ms(until), types}
+		acc := accessCond(codes, "r.rid", &args)
 		rows, err = db.pool.Query(ctx, `SELECT DISTINCT r.type, r.id, r.lu FROM job_patients jp
 			JOIN compartment c ON c.patient=jp.patient JOIN resources r ON r.rid=c.rid
-			WHERE jp.job=$1 AND r.deleted AND r.lu > $2 AND r.lu <= $3 AND r.type = ANY($4::text[])
-			ORDER BY r.type, r.lu`, job, ms(since), ms(until), types)
+			WHERE jp.job=$1 AND r.deleted AND r.lu > $2 AND r.lu <= $3 AND r.type = ANY($4::text[])`+acc+`
+			ORDER BY r.type, r.lu`, args...)
 	}
 	if err != nil {
 		return fmt.Errorf("postgres: list deletions: %w", err)

@@ -394,6 +394,11 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 		where = append(where, cond+")")
 		args = append(args, a...)
 	}
+	if q.AccessCodes != nil {
+		acc, accArgs := accessCond(q.AccessCodes, "resources.rid")
+		where = append(where, strings.TrimPrefix(acc, " AND "))
+		args = append(args, accArgs...)
+	}
 	page := &kiln.SearchPage{}
 	cond := strings.Join(where, " AND ")
 	if err := db.read.QueryRowContext(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {

@@ -265,7 +265,7 @@ func (db *DB) SplitType(ctx context.Context, typ string, snapshot time.Time, siz
 }
 
 // Deletions implements kiln.ExportReader.
-func (db *DB) Deletions(ctx context.Context, types []string, since, until time.Time, job string, fn func(kiln.Deleted) error) error {
+func (db *DB) Deletions(ctx context.Context, types []string, since, until time.Time, job string, codes []string, fn func(kiln.Deleted) error) error {
 	if len(types) == 0 {
 		return nil
 	}
@@ -275,14 +275,16 @@ func (db *DB) Deletions(ctx context.Context, types []string, since, until time.T
 	}
 	var rows *sql.Rows
 	var err error
+	// Tombstones keep their access rows, so deletions are filtered like data.
+	acc, accArgs := accessCond(codes, "r.rid")
 	if job == "" {
-		rows, err = db.read.QueryContext(ctx, `SELECT type, id, lu FROM resources WHERE deleted=1 AND lu > ? AND lu <= ?
-			AND type IN (`+placeholders(len(types))+`) ORDER BY type, lu, rid`, append([]any{ms(since), ms(until)}, targs...)...)
+		rows, err = db.read.QueryContext(ctx, `SELECT r.type, r.id, r.lu FROM resources r WHERE r.deleted=1 AND r.lu > ? AND r.lu <= ?
+			AND r.type IN (`+placeholders(len(types))+`)`+acc+` ORDER BY r.type, r.lu, r.rid`, append(append([]any{ms(since), ms(until)}, targs...), accArgs...)...)
 	} else {
 		rows, err = db.read.QueryContext(ctx, `SELECT DISTINCT r.type, r.id, r.lu FROM job_patients jp
 			JOIN compartment c ON c.patient=jp.patient JOIN resources r ON r.rid=c.rid
-			WHERE jp.job=? AND r.deleted=1 AND r.lu > ? AND r.lu <= ? AND r.type IN (`+placeholders(len(types))+`)
-			ORDER BY r.type, r.lu`, append([]any{job, ms(since), ms(until)}, targs...)...)
+			WHERE jp.job=? AND r.deleted=1 AND r.lu > ? AND r.lu <= ? AND r.type IN (`+placeholders(len(types))+`)`+acc+`
+			ORDER BY r.type, r.lu`, append(append([]any{job, ms(since), ms(until)}, targs...), accArgs...)...)
 	}
 	if err != nil {
 		return fmt.Errorf("list deletions: %w", err)

@@ -87,6 +87,7 @@ var schema = []string{
 		PRIMARY KEY(job, ord)) WITHOUT ROWID`,
 	`CREATE INDEX IF NOT EXISTS job_patients_patient ON job_patients(job, patient)`,
 	`CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+	`CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, doc BLOB NOT NULL)`,
 	`CREATE TABLE IF NOT EXISTS outbox(
 		seq INTEGER PRIMARY KEY AUTOINCREMENT,
 		topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, headers BLOB)`,

@@ -418,7 +418,7 @@ func testDeletions(t *testing.T, s Store) {
 	after, _ := s.SnapshotTime(ctx)
 	write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Observation", ID: "o2"})
 	var got []string
-	err := s.Deletions(ctx, []string{"Observation", "Patient"}, before, after, "", func(d kiln.Deleted) error {
+	err := s.Deletions(ctx, []string{"Observation", "Patient"}, before, after, "", nil, func(d kiln.Deleted) error {
 		got = append(got, d.Type+"/"+d.ID)
 		return nil
 	})
@@ -427,7 +427,7 @@ func testDeletions(t *testing.T, s Store) {
 	}
 	s.SetPatients(ctx, "j", []string{"a"})
 	got = nil
-	s.Deletions(ctx, []string{"Observation"}, before, after, "j", func(d kiln.Deleted) error {
+	s.Deletions(ctx, []string{"Observation"}, before, after, "j", nil, func(d kiln.Deleted) error {
 		got = append(got, d.Type+"/"+d.ID)
 		return nil
 	})

@@ -66,7 +66,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "generated %d resources in %.1fs\n\n", st.Total(), time.Since(start).Seconds())
+	fmt.Fprintf(stdout, "generated %d resources in %.1fs; store: %s\n\n", st.Total(), time.Since(start).Seconds(), sf.kind)
 	fmt.Fprintf(stdout, "%-16s %12s %10s %9s %12s %8s %10s\n", "phase", "resources", "MB", "seconds", "resources/s", "MB/s", "peak RSS MB")
 	row := func(name string, n, bytes int64, d time.Duration) {
 		fmt.Fprintf(stdout, "%-16s %12d %10.1f %9.2f %12.0f %8.1f %10.0f\n", name, n, float64(bytes)/1e6, d.Seconds(), float64(n)/d.Seconds(), float64(bytes)/1e6/d.Seconds(), peakRSS())
@@ -83,7 +83,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer closer.Close()
-	fmt.Fprintf(stdout, "store: %s\n", sf.kind)
+
 	resetPeakRSS()
 	runtime.GC()
 	start = time.Now()

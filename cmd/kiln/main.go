@@ -19,6 +19,8 @@ Usage:
   kiln import   [flags] PATH…    load NDJSON, NDJSON.gz and Bundle files or folders
   kiln generate [flags]          write deterministic synthetic patients as NDJSON
   kiln bench    [flags]          generate, import and export end to end, and report figures
+  kiln client   add|list|remove  manage SMART Backend Services clients
+  kiln token    [flags]          mint a development bearer token
   kiln version                   print the version
 
 Run 'kiln COMMAND -h' for a command's flags. Every flag can also be set with
@@ -51,6 +53,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = cmdServe(ctx, args[1:], stdout, stderr)
+	case "client":
+		err = cmdClient(ctx, args[1:], stdout, stderr)
+	case "token":
+		err = cmdToken(ctx, args[1:], stdout, stderr)
 	case "worker":
 		err = cmdWorker(ctx, args[1:], stdout, stderr)
 	case "import":

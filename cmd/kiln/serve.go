@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/httpapi"
@@ -40,6 +41,7 @@ type serveConfig struct {
 	kafka                           kafkaFlags
 	sink                            sinkFlags
 	lease                           time.Duration
+	auth                            authFlags
 }
 
 type kafkaFlags struct {
@@ -71,6 +73,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.BoolVar(&c.demo, "demo", false, "seed generated sample patients into an empty store and print example requests")
 	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
 	c.sink.register(fs)
+	c.auth.register(fs)
 	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
@@ -126,6 +129,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	if err := c.auth.checkBind(c.addr, log); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", c.addr, err)
@@ -150,10 +156,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	}
-	api := httpapi.New(db, exp, httpapi.Config{
+	hc := httpapi.Config{
 		BasePath: c.basePath, PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
 		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
-	}, nil)
+	}
+	if err := c.auth.setup(&hc, db, public, c.basePath, c.data); err != nil {
+		ln.Close()
+		return err
+	}
+	if _, urls := sink.(kiln.URLSink); urls {
+		hc.RequiresAccessToken = false
+	}
+	api := httpapi.New(db, exp, hc, nil)
 	srv := &http.Server{
 		Handler:           api,
 		ReadHeaderTimeout: 10 * time.Second,

@@ -1,0 +1,237 @@
+package auth
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/kiln-fhir/kiln"
+)
+
+const (
+	assertionType = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+	// TokenLifetime is the lifetime of issued access tokens (SMART: at most 300 s).
+	TokenLifetime = 5 * time.Minute
+	// maxAssertionLife is how far in the future a client assertion's exp may be.
+	maxAssertionLife = 5 * time.Minute
+)
+
+func newJTI() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// TokenServer is the SMART Backend Services token endpoint: client_credentials
+// with a private_key_jwt assertion (RS384 or ES384).
+type TokenServer struct {
+	Verifier *Verifier
+	Clients  kiln.ClientStore
+	// URL is the token endpoint's own URL: the aud client assertions must name.
+	URL string
+	Now func() time.Time
+
+	mu   sync.Mutex
+	jtis map[string]time.Time // assertion jti → its exp
+	// remote caches client JWKS fetched from URLs.
+	remote map[string]*remoteKeys
+}
+
+type tokenError struct {
+	status int
+	code   string
+	desc   string
+}
+
+func (e *tokenError) Error() string { return e.code + ": " + e.desc }
+
+func tokenErr(status int, code, format string, args ...any) *tokenError {
+	return &tokenError{status: status, code: code, desc: fmt.Sprintf(format, args...)}
+}
+
+// ServeHTTP answers token requests; errors follow RFC 6749 §5.2.
+func (s *TokenServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Pragma", "no-cache")
+	resp, err := s.issue(r)
+	if err != nil {
+		var te *tokenError
+		if !errors.As(err, &te) {
+			te = tokenErr(http.StatusInternalServerError, "server_error", "the token could not be issued")
+		}
+		w.Header().Set("Content-Type", "application/json")
+		if te.status == http.StatusUnauthorized {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+		}
+		w.WriteHeader(te.status)
+		json.NewEncoder(w).Encode(map[string]string{"error": te.code, "error_description": te.desc})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(resp)
+}
+
+func (s *TokenServer) now() time.Time {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now()
+}
+
+func (s *TokenServer) issue(r *http.Request) (map[string]any, error) {
+	if r.Method != http.MethodPost {
+		return nil, tokenErr(http.StatusMethodNotAllowed, "invalid_request", "use POST")
+	}
+	if err := r.ParseForm(); err != nil {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "the body must be application/x-www-form-urlencoded: %v", err)
+	}
+	if gt := r.PostForm.Get("grant_type"); gt != "client_credentials" {
+		return nil, tokenErr(http.StatusBadRequest, "unsupported_grant_type", "grant_type must be client_credentials, got %q", gt)
+	}
+	if at := r.PostForm.Get("client_assertion_type"); at != assertionType {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion_type must be %s", assertionType)
+	}
+	assertion := r.PostForm.Get("client_assertion")
+	if assertion == "" {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion is required")
+	}
+	client, err := s.verifyAssertion(r.Context(), assertion)
+	if err != nil {
+		return nil, err
+	}
+	scope, err := grant(client.Scope, r.PostForm.Get("scope"))
+	if err != nil {
+		return nil, err
+	}
+	token, err := s.Verifier.Mint(client.ID, scope, TokenLifetime, map[string]any{"client_id": client.ID})
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"access_token": token, "token_type": "bearer", "expires_in": int(TokenLifetime.Seconds()), "scope": scope}, nil
+}
+
+// grant returns the requested scopes the client is registered for; with none
+// requested, all of them.
+func grant(registered, requested string) (string, error) {
+	reg := strings.Fields(registered)
+	if strings.TrimSpace(requested) == "" {
+		return strings.Join(reg, " "), nil
+	}
+	var out, refused []string
+	for _, s := range strings.Fields(requested) {
+		if slices.Contains(reg, s) {
+			out = append(out, s)
+		} else {
+			refused = append(refused, s)
+		}
+	}
+	if len(out) == 0 {
+		return "", tokenErr(http.StatusBadRequest, "invalid_scope", "none of the requested scopes is granted to this client (refused: %s)", strings.Join(refused, " "))
+	}
+	return strings.Join(out, " "), nil
+}
+
+func (s *TokenServer) verifyAssertion(ctx context.Context, assertion string) (*kiln.Client, error) {
+	var claims jwt.RegisteredClaims
+	unverified, _, err := jwt.NewParser().ParseUnverified(assertion, &claims)
+	if err != nil {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion is not a JWT: %v", err)
+	}
+	if claims.Issuer == "" || claims.Issuer != claims.Subject {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion iss and sub must both be the client id")
+	}
+	client, err := s.Clients.GetClient(ctx, claims.Issuer)
+	if err != nil {
+		if kiln.ErrorCode(err) == kiln.ENOTFOUND {
+			return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client %q is not registered", claims.Issuer)
+		}
+		return nil, err
+	}
+	kid, _ := unverified.Header["kid"].(string)
+	if kid == "" {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion has no kid header")
+	}
+	key, err := s.clientKey(ctx, client, kid)
+	if err != nil {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "%v", err)
+	}
+	var checked jwt.RegisteredClaims
+	_, err = jwt.ParseWithClaims(assertion, &checked, func(*jwt.Token) (any, error) { return key.Key, nil },
+		jwt.WithValidMethods([]string{"RS384", "ES384"}),
+		jwt.WithAudience(s.URL),
+		jwt.WithExpirationRequired(),
+		jwt.WithLeeway(30*time.Second),
+		jwt.WithTimeFunc(s.now),
+	)
+	if err != nil {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion rejected: %v", err)
+	}
+	if checked.ExpiresAt.Time.After(s.now().Add(maxAssertionLife + 30*time.Second)) {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion exp is more than 5 minutes ahead")
+	}
+	if checked.ID == "" {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion has no jti")
+	}
+	if !s.remember(client.ID+"\x00"+checked.ID, checked.ExpiresAt.Time) {
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_grant", "client_assertion jti was already used")
+	}
+	return client, nil
+}
+
+// remember records a jti until its assertion expires; false if it was seen.
+func (s *TokenServer) remember(jti string, exp time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.jtis == nil {
+		s.jtis = map[string]time.Time{}
+	}
+	now := s.now()
+	for k, e := range s.jtis {
+		if now.After(e.Add(time.Minute)) {
+			delete(s.jtis, k)
+		}
+	}
+	if _, seen := s.jtis[jti]; seen {
+		return false
+	}
+	s.jtis[jti] = exp
+	return true
+}
+
+func (s *TokenServer) clientKey(ctx context.Context, c *kiln.Client, kid string) (*jose.JSONWebKey, error) {
+	if len(c.JWKS) > 0 {
+		set, err := ParseJWKS(c.JWKS)
+		if err != nil {
+			return nil, err
+		}
+		if ks := set.Key(kid); len(ks) > 0 {
+			return &ks[0], nil
+		}
+		return nil, fmt.Errorf("client %s has no key %q", c.ID, kid)
+	}
+	if c.JWKSURL == "" {
+		return nil, fmt.Errorf("client %s has no keys", c.ID)
+	}
+	s.mu.Lock()
+	if s.remote == nil {
+		s.remote = map[string]*remoteKeys{}
+	}
+	rk := s.remote[c.JWKSURL]
+	if rk == nil {
+		rk = newRemoteKeys(c.JWKSURL)
+		s.remote[c.JWKSURL] = rk
+	}
+	s.mu.Unlock()
+	return rk.key(ctx, kid)
+}

@@ -1,0 +1,139 @@
+package httpapi
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
+)
+
+type principalKey struct{}
+
+// principal is who the request acts for; without authentication, Anonymous.
+func principal(r *http.Request) *auth.Principal {
+	if p, ok := r.Context().Value(principalKey{}).(*auth.Principal); ok {
+		return p
+	}
+	return auth.Anonymous()
+}
+
+// open reports whether path is served without a token.
+func (s *Server) open(r *http.Request) bool {
+	switch r.URL.Path {
+	case "/healthz", "/readyz", "/auth/token", "/auth/jwks", "/.well-known/smart-configuration",
+		s.cfg.BasePath + "/metadata", s.cfg.BasePath + "/.well-known/smart-configuration":
+		return true
+	}
+	return false
+}
+
+// authenticate verifies the bearer token of r; it answers 401 itself and
+// returns nil when the token is missing or bad.
+func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Request {
+	if s.cfg.Verifier == nil || s.open(r) {
+		return r
+	}
+	token := ""
+	if h := r.Header.Get("Authorization"); len(h) > 7 && strings.EqualFold(h[:7], "Bearer ") {
+		token = strings.TrimSpace(h[7:])
+	}
+	p, err := s.cfg.Verifier.Verify(r.Context(), token)
+	if err != nil {
+		desc := strings.ReplaceAll(kiln.ErrorMessage(err), `"`, "'")
+		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="invalid_token", error_description="%s"`, desc))
+		s.log.Info("authentication failed", "path", r.URL.Path, "reason", desc)
+		writeOutcome(w, http.StatusUnauthorized, "error", "security", kiln.ErrorMessage(err))
+		return nil
+	}
+	return r.WithContext(context.WithValue(r.Context(), principalKey{}, p))
+}
+
+// smartConfiguration answers /.well-known/smart-configuration (SMART App Launch 2 / Backend Services).
+func (s *Server) smartConfiguration(w http.ResponseWriter, r *http.Request) {
+	root := s.publicURL(r, "")
+	cfg := map[string]any{
+		"issuer":                                root + s.cfg.BasePath,
+		"jwks_uri":                              root + "/auth/jwks",
+		"token_endpoint":                        root + "/auth/token",
+		"token_endpoint_auth_methods_supported": []string{"private_key_jwt"},
+		"token_endpoint_auth_signing_alg_values_supported": []string{"RS384", "ES384"},
+		"grant_types_supported":                            []string{"client_credentials"},
+		"scopes_supported":                                 []string{"system/*.read", "system/*.rs", "user/*.read", "user/*.rs", "access/*.read"},
+		"capabilities":                                     []string{"client-confidential-asymmetric", "permission-v1", "permission-v2"},
+	}
+	writeJSON(w, http.StatusOK, "application/json", cfg)
+}
+
+func (s *Server) jwks(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Verifier == nil || s.cfg.Key == nil {
+		writeOutcome(w, http.StatusNotFound, "error", "not-found", "authentication is off: this server issues no tokens")
+		return
+	}
+	b, _ := json.Marshal(s.cfg.Key.JWKS())
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
+}
+
+func (s *Server) token(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Token == nil {
+		writeOutcome(w, http.StatusNotFound, "error", "not-found", "authentication is off: this server issues no tokens")
+		return
+	}
+	s.cfg.Token.ServeHTTP(w, r)
+}
+
+// canRead checks the type scope for a read or search.
+func canRead(p *auth.Principal, typ string) error {
+	if !p.CanRead(typ) {
+		return auth.Forbidden("the token's scopes do not allow reading %s", typ)
+	}
+	return nil
+}
+
+// visible reports whether p may see a stored resource body (by its access tags).
+func visible(p *auth.Principal, body []byte) bool {
+	if p.AccessAll {
+		return true
+	}
+	return p.CanSee(accessCodes(body))
+}
+
+func accessCodes(body []byte) []string {
+	var m struct {
+		Meta struct {
+			Security []struct{ System, Code string }
+		}
+	}
+	json.Unmarshal(body, &m)
+	var out []string
+	for _, s := range m.Meta.Security {
+		if s.System == kiln.AccessSystem {
+			out = append(out, s.Code)
+		}
+	}
+	return out
+}
+
+// authorizeWrite checks a write: the type scope, the access codes the new
+// version carries, and that the current version (if any) is the writer's.
+func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
+	p := principal(r)
+	if p.AccessAll && p.CanWrite(w.Type) && p.CanTag(nil) && s.cfg.Verifier == nil {
+		return nil
+	}
+	if !p.CanWrite(w.Type) {
+		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
+	}
+	if w.Kind != kiln.Delete && !p.CanTag(w.AccessCodes) {
+		return auth.Forbidden("the token may not write records tagged %v (%s)", w.AccessCodes, kiln.AccessSystem)
+	}
+	cur, err := s.store.Read(r.Context(), w.Type, w.ID)
+	if err == nil && !visible(p, cur.Body) {
+		return auth.Forbidden("the token may not change %s/%s", w.Type, w.ID)
+	}
+	return nil
+}
