@@ -82,6 +82,10 @@ type Job struct {
 	Patients int `json:"patients,omitempty"`
 	// Files are the manifest's files, set when the job completes.
 	Files []File `json:"files,omitempty"`
+	// Launches counts how often a Launcher started the job's workers.
+	Launches int `json:"launches,omitempty"`
+	// LaunchPending is true while the job waits to be launched (or relaunched).
+	LaunchPending bool `json:"launchPending,omitempty"`
 }
 
 // File is one file of a manifest: consecutive parts of one type, served as one.

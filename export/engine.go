@@ -46,6 +46,14 @@ type Config struct {
 	MaxActiveJobs, MaxActiveJobsPerOwner int
 	// Lease is how long a claimed unit stays with its worker (10 min).
 	Lease time.Duration
+	// Launcher, if set, runs units elsewhere (Kubernetes Jobs, processes): the
+	// service then runs no unit workers of its own, and launches, watches and
+	// relaunches those instead.
+	Launcher kiln.Launcher
+	// MaxLaunches bounds how often a job's workers are started (default 3);
+	// RelaunchEvery is how often pending launches are retried (default 10 s).
+	MaxLaunches   int
+	RelaunchEvery time.Duration
 	// Ref says which absolute references are this server's (for Group members).
 	Ref    fhir.Options
 	Logger *slog.Logger
@@ -82,6 +90,12 @@ func (c *Config) defaults() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.MaxLaunches <= 0 {
+		c.MaxLaunches = 3
+	}
+	if c.RelaunchEvery <= 0 {
+		c.RelaunchEvery = 10 * time.Second
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -163,6 +177,7 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 		return nil, err
 	}
 	job.UnitsTotal = len(units)
+	job.LaunchPending = s.cfg.Launcher != nil && len(units) > 0
 	if req.Level != kiln.LevelSystem {
 		if err := s.jobs.SetPatients(ctx, job.ID, patients); err != nil {
 			return nil, err
@@ -176,6 +191,11 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 		if err := s.finalize(ctx, job.ID); err != nil {
 			return nil, err
 		}
+	}
+	if job.LaunchPending {
+		// A launch that fails now is retried by the relaunch loop: the job is
+		// stored, so the client gets its 202 whatever the cluster says.
+		s.launch(context.WithoutCancel(ctx), job.ID)
 	}
 	s.poke()
 	return job, nil
@@ -364,11 +384,31 @@ func (s *Service) Run(ctx context.Context) error {
 		return err
 	}
 	var wg sync.WaitGroup
-	for i := range s.cfg.Workers {
-		wg.Add(1)
+	if s.cfg.Launcher == nil {
+		for i := range s.cfg.Workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s.work(ctx, i)
+			}()
+		}
+	} else {
+		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			s.work(ctx, i)
+			s.relaunch(ctx)
+		}()
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				if err := s.cfg.Launcher.Watch(ctx, func(ev kiln.LaunchEvent) { s.onLaunchEvent(ctx, ev) }); err != nil && ctx.Err() == nil {
+					s.log.Error("watch export workers", "err", err)
+					select {
+					case <-ctx.Done():
+					case <-time.After(time.Second):
+					}
+				}
+			}
 		}()
 	}
 	wg.Add(2)
@@ -382,6 +422,84 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 	wg.Wait()
 	return nil
+}
+
+// launch starts a job's workers once; failures leave it pending for relaunch.
+func (s *Service) launch(ctx context.Context, id string) {
+	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
+		if j.Finished() || !j.LaunchPending {
+			return errJobGone
+		}
+		j.Launches++
+		return nil
+	})
+	if err != nil {
+		return
+	}
+	if j.Launches > s.cfg.MaxLaunches {
+		s.failJob(id, &kiln.Unit{Job: id}, kiln.Errorf(kiln.EINVALID, "its workers could not be started after %d attempts", s.cfg.MaxLaunches))
+		return
+	}
+	err = s.cfg.Launcher.Launch(ctx, j)
+	if err != nil {
+		if kiln.ErrorCode(err) == kiln.ETHROTTLED {
+			// A quota: no attempt spent; try again later.
+			s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error { j.Launches--; return nil })
+		}
+		s.log.Warn("export workers not started; will retry", "job", id, "launch", j.Launches, "err", err)
+		return
+	}
+	s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error { j.LaunchPending = false; return nil })
+	s.log.Info("export workers started", "job", id, "launch", j.Launches)
+}
+
+// relaunch retries pending launches.
+func (s *Service) relaunch(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RelaunchEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		jobs, err := s.jobs.Jobs(ctx, kiln.JobAccepted, kiln.JobInProgress)
+		if err != nil {
+			continue
+		}
+		for _, j := range jobs {
+			if j.LaunchPending {
+				s.launch(ctx, j.ID)
+			}
+		}
+	}
+}
+
+// onLaunchEvent reacts to the end of a job's launched workers: a failed or
+// vanished launch is relaunched (up to MaxLaunches) or fails the export; a
+// finished one completes it if its units are done.
+func (s *Service) onLaunchEvent(ctx context.Context, ev kiln.LaunchEvent) {
+	j, err := s.jobs.GetJob(ctx, ev.Job)
+	if err != nil || j.Finished() || ev.Launch != j.Launches || j.LaunchPending {
+		return
+	}
+	total, done, err := s.jobs.UnitCounts(ctx, j.ID)
+	if err != nil {
+		return
+	}
+	if total == done {
+		if err := s.finalize(ctx, j.ID); err != nil {
+			s.log.Error("finish export", "job", j.ID, "err", err)
+		}
+		return
+	}
+	if ev.Outcome != "succeeded" && j.Launches >= s.cfg.MaxLaunches {
+		s.failJob(j.ID, &kiln.Unit{Job: j.ID}, kiln.Errorf(kiln.EINVALID, "its worker Job %s: %s", ev.Outcome, ev.Reason))
+		return
+	}
+	s.log.Warn("export workers ended with units left; relaunching", "job", j.ID, "outcome", ev.Outcome, "reason", ev.Reason)
+	s.jobs.UpdateJob(ctx, j.ID, func(j *kiln.Job) error { j.LaunchPending = true; return nil })
+	s.launch(ctx, j.ID)
 }
 
 // reclaim hands units whose worker stopped heart-beating (a killed process,
@@ -758,6 +876,11 @@ func (s *Service) Cancel(ctx context.Context, id string) error {
 		return err
 	}
 	s.cancelUnits(id)
+	if s.cfg.Launcher != nil {
+		if err := s.cfg.Launcher.Stop(ctx, id); err != nil {
+			s.log.Warn("stop export workers", "job", id, "err", err)
+		}
+	}
 	s.mu.Lock()
 	deadline := time.Now().Add(30 * time.Second)
 	for len(s.running[id]) > 0 && time.Now().Before(deadline) {

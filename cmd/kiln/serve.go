@@ -42,6 +42,7 @@ type serveConfig struct {
 	sink                            sinkFlags
 	lease                           time.Duration
 	auth                            authFlags
+	launch                          launcherFlags
 }
 
 type kafkaFlags struct {
@@ -74,6 +75,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.IntVar(&c.demoPatients, "demo-patients", 50, "patients --demo generates")
 	c.sink.register(fs)
 	c.auth.register(fs)
+	c.launch.register(fs)
 	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
@@ -140,7 +142,13 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if public == "" {
 		public = "http://" + ln.Addr().String()
 	}
+	launcher, err := c.launch.launcher(&c.store, &c.sink, log)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	exp := export.New(db, db, sink, export.Config{
+		Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
 		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
 		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease,
 		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,

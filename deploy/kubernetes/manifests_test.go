@@ -1,0 +1,46 @@
+// Package kubernetes holds Kiln's deployment manifests; its test checks them.
+package kubernetes
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/client-go/kubernetes/scheme"
+)
+
+// TestManifestsDecodeStrictly decodes every manifest with the Kubernetes API
+// types, refusing unknown or duplicate fields. (kubectl apply --dry-run=client
+// needs an API server for discovery, which these machines do not have.)
+func TestManifestsDecodeStrictly(t *testing.T) {
+	files, _ := filepath.Glob("*.yaml")
+	if len(files) < 5 {
+		t.Fatalf("only %d manifests", len(files))
+	}
+	dec := serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict).UniversalDeserializer()
+	kinds := map[string]bool{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, doc := range strings.Split(string(b), "\n---\n") {
+			if strings.TrimSpace(doc) == "" {
+				continue
+			}
+			_, gvk, err := dec.Decode([]byte(doc), nil, nil)
+			if err != nil {
+				t.Errorf("%s document %d: %v", f, i+1, err)
+				continue
+			}
+			kinds[gvk.Kind] = true
+		}
+	}
+	for _, k := range []string{"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} {
+		if !kinds[k] {
+			t.Errorf("no %s manifest", k)
+		}
+	}
+}
