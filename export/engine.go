@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/metrics"
 )
 
 // Store is what the engine reads resources from.
@@ -58,6 +59,8 @@ type Config struct {
 	Ref    fhir.Options
 	Logger *slog.Logger
 	Now    func() time.Time
+	// Metrics, if set, records units, resources and durations.
+	Metrics *metrics.Metrics
 }
 
 func (c *Config) defaults() {
@@ -653,6 +656,10 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 		}
 	}
 	start := time.Now()
+	s.cfg.Metrics.Unit("claimed")
+	if u.Attempts > 1 {
+		s.cfg.Metrics.Unit("redone")
+	}
 	prefix := unitPrefix(u.Seq)
 	// A unit that ran before (and died) is redone from scratch.
 	if err := s.sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
@@ -692,6 +699,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 		}
 		return
 	}
+	s.cfg.Metrics.UnitDone(u.Kind, parts, time.Since(start))
 	var n int64
 	for _, p := range parts {
 		n += p.Count
@@ -715,6 +723,7 @@ func unitPrefix(seq int) string { return fmt.Sprintf("%06d-", seq) }
 // shows a partial manifest.
 func (s *Service) failJob(id string, u *kiln.Unit, cause error) {
 	ctx := context.Background()
+	s.cfg.Metrics.Unit("failed")
 	s.log.Error("export failed", "job", id, "unit", u.Seq, "kind", u.Kind, "type", u.Type, "err", cause)
 	msg := "export failed: " + kiln.ErrorMessage(cause)
 	if kiln.ErrorCode(cause) == kiln.EINTERNAL {
@@ -775,6 +784,7 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	s.cfg.Metrics.ExportDone(j.Updated.Sub(j.Created))
 	var n int64
 	for _, f := range files {
 		n += f.Count

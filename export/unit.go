@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/fhir"
@@ -26,6 +27,7 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	}
 	scan := func(q kiln.ScanQuery) error {
 		sub := newSubsetter(q.Type, req.Elements)
+		defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
 		return s.store.Scan(ctx, q, func(body []byte) error {
 			if sub != nil {
 				b, err := sub.apply(body)

@@ -44,7 +44,7 @@ func dataDir(t testing.TB, set string) string {
 
 type envOpts struct {
 	// configure, if set, adjusts the HTTP configuration once the base URL is known.
-	configure  func(e *env, hc *httpapi.Config)
+	configure  func(e *env, hc *httpapi.Config, ec *export.Config)
 	dir        string
 	noWorkers  bool
 	exportCfg  export.Config
@@ -124,7 +124,6 @@ func newEnv(t testing.TB, o envOpts) *env {
 		cfg.Workers = 2
 	}
 	cfg.Ref = fhir.Options{Bases: []string{e.base}}
-	e.svc = export.New(e.db, e.db, sink, cfg)
 	hc := o.httpCfg
 	hc.Logger = log
 	if hc.PollBurst == 0 {
@@ -133,9 +132,13 @@ func newEnv(t testing.TB, o envOpts) *env {
 	if hc.RetryAfter == 0 {
 		hc.RetryAfter = 1
 	}
-	if o.configure != nil {
-		o.configure(e, &hc)
+	if hc.KickOffsPerMinute == 0 {
+		hc.KickOffsPerMinute = -1
 	}
+	if o.configure != nil {
+		o.configure(e, &hc, &cfg)
+	}
+	e.svc = export.New(e.db, e.db, sink, cfg)
 	e.srv.Config.Handler = httpapi.New(e.db, e.svc, hc, nil)
 	e.srv.Start()
 	if !o.noWorkers {

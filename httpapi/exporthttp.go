@@ -14,6 +14,7 @@ import (
 	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
+	"golang.org/x/time/rate"
 )
 
 // exportAllowed refuses patient-scoped tokens for every export endpoint (as Helix does).
@@ -67,6 +68,10 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 			s.writeError(w, r, err)
 			return
 		}
+		if !s.allowKickOff(p.Name) {
+			s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("too many kick-offs: at most %d a minute per client", s.cfg.KickOffsPerMinute), RetryAfter: 60 / max(1, s.cfg.KickOffsPerMinute/10)})
+			return
+		}
 		applyScopes(p, req)
 		job, err := s.exports.Start(r.Context(), req, p.Name)
 		if err != nil {
@@ -80,6 +85,24 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 		}
 		writeOutcome(w, http.StatusAccepted, "information", "informational", msg)
 	}
+}
+
+// allowKickOff applies the per-principal kick-off rate.
+func (s *Server) allowKickOff(name string) bool {
+	if s.cfg.KickOffsPerMinute < 0 {
+		return true
+	}
+	s.mu.Lock()
+	l := s.kickoffs[name]
+	if l == nil {
+		if len(s.kickoffs) > 10_000 {
+			s.kickoffs = map[string]*rate.Limiter{}
+		}
+		l = rate.NewLimiter(rate.Limit(float64(s.cfg.KickOffsPerMinute)/60), min(10, s.cfg.KickOffsPerMinute))
+		s.kickoffs[name] = l
+	}
+	s.mu.Unlock()
+	return l.Allow()
 }
 
 // throttled counts polls that come sooner than half of Retry-After; after
@@ -273,6 +296,13 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		s.writeError(w, r, err)
+		return
+	}
+	select {
+	case s.downloads <- struct{}{}:
+		defer func() { <-s.downloads }()
+	default:
+		s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("%d downloads are running, the server's limit; retry shortly", s.cfg.MaxDownloads), RetryAfter: 1})
 		return
 	}
 	rc, f, err := s.exports.OpenFile(r.Context(), j, name)

@@ -46,6 +46,7 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Requ
 		desc := strings.ReplaceAll(kiln.ErrorMessage(err), `"`, "'")
 		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="invalid_token", error_description="%s"`, desc))
 		s.log.Info("authentication failed", "path", r.URL.Path, "reason", desc)
+		s.cfg.Metrics.AuthFailure(failureReason(desc))
 		writeOutcome(w, http.StatusUnauthorized, "error", "security", kiln.ErrorMessage(err))
 		return nil
 	}
@@ -136,4 +137,18 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 		return auth.Forbidden("the token may not change %s/%s", w.Type, w.ID)
 	}
 	return nil
+}
+
+// failureReason buckets a token rejection for the metric label.
+func failureReason(msg string) string {
+	for _, r := range []struct{ substr, reason string }{
+		{"no bearer token", "missing"}, {"malformed", "malformed"}, {"expired", "expired"},
+		{"not valid yet", "not_yet_valid"}, {"signature", "signature"}, {"audience", "audience"},
+		{"issuer", "issuer"}, {"algorithm", "algorithm"}, {"unknown key", "unknown_key"},
+	} {
+		if strings.Contains(msg, r.substr) {
+			return r.reason
+		}
+	}
+	return "other"
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/auth"
+	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/httpapi"
 )
 
@@ -47,7 +48,7 @@ func newAuthEnv(t *testing.T, o envOpts) *authRig {
 	jwksFile := filepath.Join(dir, "idp.jwks")
 	os.WriteFile(jwksFile, jwks, 0o600)
 	r := &authRig{key: key, rsaKey: rk}
-	o.configure = func(e *env, hc *httpapi.Config) {
+	o.configure = func(e *env, hc *httpapi.Config, _ *export.Config) {
 		v, err := auth.NewVerifier(auth.Config{Issuer: e.base, Key: key, JWKSFile: jwksFile, TrustedIssuers: []string{"https://idp.example"}})
 		if err != nil {
 			t.Fatal(err)

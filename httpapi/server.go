@@ -19,6 +19,8 @@ import (
 	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/metrics"
+	"golang.org/x/time/rate"
 )
 
 const (
@@ -50,6 +52,14 @@ type Config struct {
 	// RequiresAccessToken is the manifest's requiresAccessToken: true when file
 	// downloads from Kiln need the bearer token.
 	RequiresAccessToken bool
+	// Metrics records requests; MetricsHandler, if set, serves /metrics
+	// (behind authentication like every other endpoint).
+	Metrics        *metrics.Metrics
+	MetricsHandler http.Handler
+	// KickOffsPerMinute limits kick-offs per principal (default 30, burst 10; negative: no limit).
+	KickOffsPerMinute int
+	// MaxDownloads limits concurrent export file downloads (default 32); more get 429.
+	MaxDownloads int
 }
 
 // Store is what the REST API needs.
@@ -66,8 +76,11 @@ type Server struct {
 	mux     *http.ServeMux
 	ready   func() error
 
-	mu    sync.Mutex
-	polls map[string]*pollState
+	mu       sync.Mutex
+	polls    map[string]*pollState
+	kickoffs map[string]*rate.Limiter
+	// downloads is a semaphore of concurrent file downloads.
+	downloads chan struct{}
 }
 
 type pollState struct {
@@ -97,7 +110,14 @@ func New(store Store, exports *export.Service, cfg Config, ready func() error) *
 	if ready == nil {
 		ready = func() error { return nil }
 	}
-	s := &Server{store: store, exports: exports, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), ready: ready, polls: map[string]*pollState{}}
+	if cfg.KickOffsPerMinute == 0 {
+		cfg.KickOffsPerMinute = 30
+	}
+	if cfg.MaxDownloads <= 0 {
+		cfg.MaxDownloads = 32
+	}
+	s := &Server{store: store, exports: exports, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), ready: ready,
+		polls: map[string]*pollState{}, kickoffs: map[string]*rate.Limiter{}, downloads: make(chan struct{}, cfg.MaxDownloads)}
 	s.routes()
 	return s
 }
@@ -112,6 +132,9 @@ func (s *Server) routes() {
 	h("POST /auth/token", s.token)
 	h("GET /readyz", s.readyz)
 	h("GET "+b+"/metadata", s.metadata)
+	if s.cfg.MetricsHandler != nil {
+		s.mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+	}
 
 	for _, m := range []string{"GET", "POST"} {
 		h(m+" "+b+"/$export", s.kickOff(kiln.LevelSystem))
@@ -162,9 +185,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(rec, r.Body, s.cfg.MaxBodyBytes)
 	authed := s.authenticate(rec, r)
 	if authed == nil {
+		s.cfg.Metrics.HTTP("authentication", rec.status, time.Since(start))
 		return
 	}
 	s.mux.ServeHTTP(rec, authed)
+	// The mux sets the matched pattern on the request it was given.
+	s.cfg.Metrics.HTTP(authed.Pattern, rec.status, time.Since(start))
 }
 
 type statusRecorder struct {

@@ -23,7 +23,11 @@ import (
 	"github.com/kiln-fhir/kiln/httpapi"
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/kafka"
+	"github.com/kiln-fhir/kiln/metrics"
 	"github.com/kiln-fhir/kiln/synth"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 type serveConfig struct {
@@ -43,6 +47,11 @@ type serveConfig struct {
 	lease                           time.Duration
 	auth                            authFlags
 	launch                          launcherFlags
+	kickoffRate, maxDownloads       int
+	readHeaderTimeout, idleTimeout  time.Duration
+	shutdownGrace                   time.Duration
+	metricsAddr                     string
+	noMetrics                       bool
 }
 
 type kafkaFlags struct {
@@ -76,6 +85,13 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	c.sink.register(fs)
 	c.auth.register(fs)
 	c.launch.register(fs)
+	fs.IntVar(&c.kickoffRate, "kickoff-rate", 30, "export kick-offs per minute per client (burst 10); more get 429 (-1: no limit)")
+	fs.IntVar(&c.maxDownloads, "max-downloads", 32, "concurrent export file downloads; more get 429")
+	fs.DurationVar(&c.readHeaderTimeout, "read-header-timeout", 10*time.Second, "time a client has to send request headers (slowloris guard)")
+	fs.DurationVar(&c.idleTimeout, "idle-timeout", 2*time.Minute, "keep-alive connections idle longer are closed")
+	fs.DurationVar(&c.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, how long requests in flight may finish; running export units are handed back")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address without authentication (default: /metrics on --addr, behind --auth)")
+	fs.BoolVar(&c.noMetrics, "no-metrics", false, "turn /metrics off")
 	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
@@ -147,8 +163,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		ln.Close()
 		return err
 	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	met := metrics.New(reg, metrics.Sources{Jobs: db, Outbox: db})
 	exp := export.New(db, db, sink, export.Config{
-		Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
+		Metrics: met, Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
 		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
 		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease,
 		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,
@@ -167,6 +186,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	hc := httpapi.Config{
 		BasePath: c.basePath, PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
 		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
+		Metrics: met, KickOffsPerMinute: c.kickoffRate, MaxDownloads: c.maxDownloads,
+	}
+	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	if !c.noMetrics && c.metricsAddr == "" {
+		hc.MetricsHandler = metricsHandler
 	}
 	if err := c.auth.setup(&hc, db, public, c.basePath, c.data); err != nil {
 		ln.Close()
@@ -178,9 +202,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	api := httpapi.New(db, exp, hc, nil)
 	srv := &http.Server{
 		Handler:           api,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: c.readHeaderTimeout,
 		ReadTimeout:       5 * time.Minute,
-		IdleTimeout:       2 * time.Minute,
+		IdleTimeout:       c.idleTimeout,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	runCtx, stopRun := context.WithCancel(context.Background())
@@ -202,6 +226,15 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
+	if !c.noMetrics && c.metricsAddr != "" {
+		ms := &http.Server{Addr: c.metricsAddr, Handler: metricsHandler, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := ms.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics listener", "err", err)
+			}
+		}()
+		defer ms.Close()
+	}
 	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.basePath, "data", c.data, "version", version())
 	if c.demo {
 		printDemo(stdout, public+c.basePath)
@@ -214,7 +247,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	case <-ctx.Done():
 	}
 	log.Info("shutting down: finishing requests, handing back running export units")
-	shut, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	shut, cancel := context.WithTimeout(context.Background(), c.shutdownGrace)
 	defer cancel()
 	err = srv.Shutdown(shut)
 	stopRun()
