@@ -45,6 +45,9 @@ type ExportRequest struct {
 	Since        *time.Time `json:"since,omitempty"`
 	Until        *time.Time `json:"until,omitempty"`
 	Patients     []string   `json:"patients,omitempty"`
+	// TypeFilters holds the _typeFilter queries per type ("category=laboratory");
+	// several for one type are ORed.
+	TypeFilters map[string][]string `json:"typeFilters,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
 	Elements              []string `json:"elements,omitempty"`
 	OutputFormat          string   `json:"outputFormat"`

@@ -19,6 +19,8 @@ type Resource struct {
 	// Body is the compact JSON of the resource, meta.versionId and
 	// meta.lastUpdated included; nil for a deletion.
 	Body []byte
+	// Cursor is the resource's position in search order (set by Search).
+	Cursor int64
 }
 
 // Ref names a resource by type and id.

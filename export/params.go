@@ -7,6 +7,7 @@ import (
 	"mime"
 	"net/url"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -112,6 +113,13 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 		l, _ := ParseMemory(req.LimitsMemory)
 		if l < r {
 			return nil, kiln.Invalid("limitsMemory", "limitsMemory %s is below ram %s", req.LimitsMemory, req.RAM)
+		}
+	}
+	if req.TypesGiven {
+		for typ := range req.TypeFilters {
+			if !slices.Contains(req.Types, typ) {
+				return nil, kiln.Invalid("_typeFilter", "_typeFilter on %s, which is not in _type", typ)
+			}
 		}
 	}
 	if req.Since != nil && req.Until != nil && !req.Until.After(*req.Since) {
@@ -255,6 +263,32 @@ func (p *parser) unsupported(param, format string, args ...any) {
 	p.fail(param, format+" (send Prefer: handling=lenient to have it ignored)", args...)
 }
 
+var typeFilterStart = regexp.MustCompile(`,([A-Z][A-Za-z]+(\?|%3[Ff]))`)
+
+// splitTypeFilters reads repeated _typeFilter values and, in each, the v2
+// comma-joined list of URL-encoded queries. A comma splits only where a new
+// Type? query starts, so commas inside one query (OR values) survive.
+func splitTypeFilters(vals []string) []string {
+	var out []string
+	for _, v := range vals {
+		idx := typeFilterStart.FindAllStringIndex(v, -1)
+		start := 0
+		for _, m := range idx {
+			out = append(out, v[start:m[0]])
+			start = m[0] + 1
+		}
+		out = append(out, v[start:])
+	}
+	for i, f := range out {
+		if strings.Contains(f, "%3F") || strings.Contains(f, "%3f") {
+			if d, err := url.QueryUnescape(f); err == nil {
+				out[i] = d
+			}
+		}
+	}
+	return out
+}
+
 // split joins repeated values and splits comma-joined ones.
 func split(vals []string) []string {
 	var out []string
@@ -361,7 +395,18 @@ func (p *parser) param(name, raw string, vals []string) {
 			}
 		}
 	case "_typeFilter":
-		p.unsupported(raw, "_typeFilter is not supported yet")
+		for _, f := range splitTypeFilters(vals) {
+			q, err := fhir.ParseTypeFilter(f)
+			if err != nil {
+				p.unsupported(raw, "%s", kiln.ErrorMessage(err))
+				continue
+			}
+			if r.TypeFilters == nil {
+				r.TypeFilters = map[string][]string{}
+			}
+			_, query, _ := strings.Cut(f, "?")
+			r.TypeFilters[q.Type] = append(r.TypeFilters[q.Type], query)
+		}
 	case "organizeOutputBy", "allowPartialManifests":
 		p.unsupported(raw, "%s is not supported", name)
 	case "patientReferenceBatchSize":

@@ -1,7 +1,9 @@
 package export
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"time"
@@ -27,8 +29,22 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	}
 	scan := func(q kiln.ScanQuery) error {
 		sub := newSubsetter(q.Type, req.Elements)
+		filters, err := compileFilters(q.Type, req.TypeFilters[q.Type])
+		if err != nil {
+			return err
+		}
 		defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
 		return s.store.Scan(ctx, q, func(body []byte) error {
+			if filters != nil {
+				// Only filtered types are decoded; the rest stream as stored bytes.
+				ok, err := matchAny(filters, body)
+				if err != nil {
+					return err
+				}
+				if !ok {
+					return nil
+				}
+			}
 			if sub != nil {
 				b, err := sub.apply(body)
 				if err != nil {
@@ -81,6 +97,34 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		return nil, err
 	}
 	return w.close()
+}
+
+func compileFilters(typ string, queries []string) ([]*fhir.Query, error) {
+	var out []*fhir.Query
+	for _, q := range queries {
+		f, err := fhir.ParseTypeFilter(typ + "?" + q)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// matchAny: several _typeFilters for one type are ORed.
+func matchAny(filters []*fhir.Query, body []byte) (bool, error) {
+	var m map[string]any
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	if err := dec.Decode(&m); err != nil {
+		return false, fmt.Errorf("decode stored resource: %w", err)
+	}
+	for _, f := range filters {
+		if f.Match(m) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func deletedBundle(d kiln.Deleted) []byte {

@@ -35,12 +35,14 @@ type capResource struct {
 
 var resourceInteractions = []capInteraction{{"read"}, {"vread"}, {"update"}, {"delete"}, {"history-instance"}, {"create"}, {"search-type"}}
 
-var searchParams = []capSearchParam{{"_id", "token"}, {"identifier", "token"}, {"_lastUpdated", "date"}}
-
 var capResources = sync.OnceValue(func() []capResource {
 	var out []capResource
 	for _, t := range fhir.R4().Resources {
-		r := capResource{Type: t, Interaction: resourceInteractions, Versioning: "versioned", ReadHistory: true, UpdateCreate: true, SearchParam: searchParams}
+		var sps []capSearchParam
+		for _, p := range fhir.SearchParams(t) {
+			sps = append(sps, capSearchParam{Name: p[0], Type: p[1]})
+		}
+		r := capResource{Type: t, Interaction: resourceInteractions, Versioning: "versioned", ReadHistory: true, UpdateCreate: true, SearchParam: sps}
 		switch t {
 		case "Patient":
 			r.Operation = []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}}

@@ -220,7 +220,11 @@ func TestExportSynthea100(t *testing.T) {
 			{"GET", "/Patient/$export?patient=Observation/1", "", "", 400, "@patient"},
 			{"GET", "/$export?_elements=Patient.nothing", "", "", 400, "@_elements"},
 			{"GET", "/$export?includeAssociatedData=Everything", "", "", 400, "@includeAssociatedData"},
-			{"GET", "/$export?_typeFilter=Patient%3Fgender%3Dmale", "", "", 400, "@_typeFilter"},
+			{"GET", "/$export?_typeFilter=Patient%3Fbogus%3D1", "", "", 400, "@_typeFilter"},
+			{"GET", "/$export?_typeFilter=Patient%3F_count%3D1", "", "", 400, "result parameter"},
+			{"GET", "/$export?_typeFilter=Patient%3F_sort%3Dname", "", "", 400, "result parameter"},
+			{"GET", "/$export?_type=Patient&_typeFilter=Observation%3Fstatus%3Dfinal", "", "", 400, "not in _type"},
+			{"GET", "/$export?_typeFilter=Observation%3Fdate%3Dge2020-13", "", "", 400, "@_typeFilter"},
 			{"GET", "/$export?bogus=1", "", "", 400, "@bogus"},
 			{"GET", "/$export?patientReferenceBatchSize=0", "", "", 400, "from 1 to 10000"},
 			{"GET", "/$export?patientReferenceBatchSize=10001", "", "", 400, "@patientReferenceBatchSize"},
@@ -259,7 +263,7 @@ func TestExportSynthea100(t *testing.T) {
 	})
 
 	t.Run("LenientIgnoresIntoErrorFile", func(t *testing.T) {
-		loc := e.kickOff("GET", "/$export?_type=Patient&bogus=1&_typeFilter=Patient%3Fgender%3Dmale", nil, "Prefer", "respond-async, handling=lenient")
+		loc := e.kickOff("GET", "/$export?_type=Patient&bogus=1&_typeFilter=Patient%3Fnickname%3Dx", nil, "Prefer", "respond-async, handling=lenient")
 		m := e.mustComplete(loc)
 		if len(m.Error) != 1 || m.Error[0].Type != "OperationOutcome" || m.Error[0].Count != 2 {
 			t.Fatalf("error files %+v", m.Error)
@@ -271,6 +275,57 @@ func TestExportSynthea100(t *testing.T) {
 		}
 		if len(m.Output) != 1 {
 			t.Fatalf("output %+v", m.Output)
+		}
+	})
+
+	t.Run("TypeFilter", func(t *testing.T) {
+		// The ids a search with the same query returns, following next links.
+		search := func(typ, query string) []string {
+			var ids []string
+			next := e.base + "/" + typ + "?" + query + "&_count=1000"
+			for next != "" {
+				b := e.do("GET", next, nil).json(t)
+				next = ""
+				for _, l := range b["link"].([]any) {
+					if lm := l.(map[string]any); lm["relation"] == "next" {
+						next = lm["url"].(string)
+					}
+				}
+				for _, en := range b["entry"].([]any) {
+					ids = append(ids, en.(map[string]any)["resource"].(map[string]any)["id"].(string))
+				}
+			}
+			sort.Strings(ids)
+			return ids
+		}
+		lab := search("Observation", "category=laboratory&date=ge2015-01-01")
+		vitals := search("Observation", "category=vital-signs&value-quantity=gt100")
+		active := search("MedicationRequest", "status=active")
+		if len(lab) == 0 || len(vitals) == 0 || len(active) == 0 {
+			t.Fatalf("searches found %d, %d, %d", len(lab), len(vitals), len(active))
+		}
+		either := slices.Compact(slices.Sorted(slices.Values(append(append([]string{}, lab...), vitals...))))
+		tf := url.QueryEscape("Observation?category=laboratory&date=ge2015-01-01") + "&_typeFilter=" +
+			url.QueryEscape("Observation?category=vital-signs&value-quantity=gt100") + "&_typeFilter=" + url.QueryEscape("MedicationRequest?status=active")
+		for _, path := range []string{"/$export", "/Patient/$export", "/Group/" + syntheaGroup + "/$export"} {
+			m := e.mustComplete(e.kickOff("GET", path+"?_type=Observation,MedicationRequest,Patient&_typeFilter="+tf, nil))
+			got := e.exported(m)
+			if o := slices.Sorted(slices.Values(got["Observation"])); !slices.Equal(o, either) {
+				t.Errorf("%s: %d Observations, the two searches ORed give %d", path, len(o), len(either))
+			}
+			if mr := slices.Sorted(slices.Values(got["MedicationRequest"])); !slices.Equal(mr, active) {
+				t.Errorf("%s: %d MedicationRequests, search gives %d", path, len(mr), len(active))
+			}
+			if int64(len(got["Patient"])) != counts["Patient"] {
+				t.Errorf("%s: unfiltered Patients %d", path, len(got["Patient"]))
+			}
+		}
+		// The v2 form: one parameter, a comma-joined list of URL-encoded queries.
+		joined := url.QueryEscape(url.QueryEscape("MedicationRequest?status=active") + "," + url.QueryEscape("Observation?category=laboratory&date=ge2015-01-01"))
+		m := e.mustComplete(e.kickOff("GET", "/$export?_type=Observation,MedicationRequest&_typeFilter="+joined, nil))
+		got := e.exported(m)
+		if len(got["Observation"]) != len(lab) || len(got["MedicationRequest"]) != len(active) {
+			t.Errorf("comma-joined _typeFilter: %d Observations (want %d), %d MedicationRequests (want %d)", len(got["Observation"]), len(lab), len(got["MedicationRequest"]), len(active))
 		}
 	})
 

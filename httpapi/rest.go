@@ -8,7 +8,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/google/uuid"
 
@@ -314,8 +313,14 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) {
 	w.Write(buf.Bytes())
 }
 
-// search answers the minimal search: _id, identifier, _lastUpdated, _count.
-// Unknown parameters are refused (400) rather than silently ignored.
+// searchResultParams are the result parameters REST search takes; the rest
+// (_include, _sort, _elements, _summary, …) are refused rather than ignored.
+var searchResultParams = map[string]bool{"_count": true, "_cursor": true, "_total": true, "_format": true}
+
+// search answers GET /{type}?… with the search engine of package fhir: _id is
+// answered by the store, every other parameter by evaluating the R4 search
+// parameter on each candidate. Pages are keyset cursors. total is given when
+// the search reached the end, or always with _total=accurate; never with _total=none.
 func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	typ, ok := s.resourceType(w, r)
 	if !ok {
@@ -325,70 +330,113 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	q := kiln.SearchQuery{Type: typ, Count: 50, AccessCodes: principal(r).AccessCodes()}
 	vals := r.URL.Query()
+	filter := url.Values{}
 	for name, vs := range vals {
-		switch name {
-		case "_id":
-			for _, v := range vs {
-				q.IDs = append(q.IDs, strings.Split(v, ",")...)
-			}
-			if len(vs) > 1 {
-				s.writeError(w, r, kiln.Invalid("_id", "repeat _id only as a comma-separated list"))
-				return
-			}
-		case "identifier":
-			if len(vs) > 1 {
-				s.writeError(w, r, kiln.Invalid("identifier", "identifier may be given once (use a comma-separated list for OR)"))
-				return
-			}
-			q.Identifier = strings.Split(vs[0], ",")
-			if len(q.Identifier) > 1 {
-				s.writeError(w, r, kiln.Invalid("identifier", "identifier with several values is not supported"))
-				return
-			}
-		case "_lastUpdated":
-			for _, v := range vs {
-				if err := lastUpdated(&q, v); err != nil {
-					s.writeError(w, r, err)
-					return
-				}
-			}
-		case "_count":
-			n, err := strconv.Atoi(vs[0])
-			if err != nil || n < 0 || n > 1000 {
-				s.writeError(w, r, kiln.Invalid("_count", "_count must be a whole number from 0 to 1000, got %q", vs[0]))
-				return
-			}
-			q.Count = n
-		case "_cursor":
-			n, err := strconv.ParseInt(vs[0], 10, 64)
-			if err != nil || n < 0 {
-				s.writeError(w, r, kiln.Invalid("_cursor", "_cursor %q is not one this server gave out", vs[0]))
-				return
-			}
-			q.After = n
-		case "_format":
-		default:
-			s.writeError(w, r, kiln.Invalid(name, "search parameter %q is not supported on %s (supported: _id, identifier, _lastUpdated, _count)", name, typ))
+		code, _, _ := strings.Cut(name, ":")
+		if strings.HasPrefix(code, "_") && !searchResultParams[code] && fhir.LookupParam(typ, code) == nil {
+			s.writeError(w, r, kiln.Invalid(name, "%s is not supported in search", name))
 			return
 		}
+		if !searchResultParams[code] {
+			filter[name] = vs
+		}
 	}
-	page, err := s.store.Search(r.Context(), q)
+	query, err := fhir.ParseQuery(typ, filter, false)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
+	count := 50
+	if v := vals.Get("_count"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > 1000 {
+			s.writeError(w, r, kiln.Invalid("_count", "_count must be a whole number from 0 to 1000, got %q", v))
+			return
+		}
+		count = n
+	}
+	totalMode := vals.Get("_total")
+	if totalMode != "" && totalMode != "none" && totalMode != "accurate" && totalMode != "estimate" {
+		s.writeError(w, r, kiln.Invalid("_total", "_total must be none, estimate or accurate, got %q", totalMode))
+		return
+	}
+	sq := kiln.SearchQuery{Type: typ, Count: 500, AccessCodes: principal(r).AccessCodes()}
+	if v := vals.Get("_cursor"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			s.writeError(w, r, kiln.Invalid("_cursor", "_cursor %q is not one this server gave out", v))
+			return
+		}
+		sq.After = n
+	}
+	// _id without a modifier narrows the store query itself.
+	var rest []fhir.Clause
+	for _, c := range query.Clauses {
+		if c.Code == "_id" && c.Modifier == "" && sq.IDs == nil {
+			sq.IDs = c.Values
+			continue
+		}
+		rest = append(rest, c)
+	}
+	query.Clauses = rest
+	var matches []kiln.Resource
+	var next int64
+	matched, total := 0, -1
+	first := sq.After == 0
+scan:
+	for {
+		page, err := s.store.Search(r.Context(), sq)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if len(query.Clauses) == 0 && first {
+			total = page.Total // nothing to evaluate: the store counted
+		}
+		for _, res := range page.Resources {
+			ok, err := query.MatchJSON(res.Body)
+			if err != nil {
+				s.writeError(w, r, err)
+				return
+			}
+			if !ok {
+				continue
+			}
+			matched++
+			if len(matches) < count {
+				matches = append(matches, res)
+				continue
+			}
+			if next == 0 && len(matches) > 0 {
+				next = matches[len(matches)-1].Cursor
+			}
+			if totalMode != "accurate" || total >= 0 {
+				break scan
+			}
+		}
+		if page.Next == 0 {
+			if first && total < 0 {
+				total = matched // the whole type was evaluated
+			}
+			break
+		}
+		sq.After = page.Next
+	}
 	self := s.publicURL(r, r.URL.Path) + "?" + vals.Encode()
 	var buf bytes.Buffer
-	fmt.Fprintf(&buf, `{"resourceType":"Bundle","type":"searchset","total":%d,"link":[{"relation":"self","url":%s}`, page.Total, fhir.AppendString(nil, self))
-	if page.Next > 0 {
-		next := cloneValues(vals)
-		next.Set("_cursor", strconv.FormatInt(page.Next, 10))
-		fmt.Fprintf(&buf, `,{"relation":"next","url":%s}`, fhir.AppendString(nil, s.publicURL(r, r.URL.Path)+"?"+next.Encode()))
+	buf.WriteString(`{"resourceType":"Bundle","type":"searchset"`)
+	if total >= 0 && totalMode != "none" {
+		fmt.Fprintf(&buf, `,"total":%d`, total)
+	}
+	fmt.Fprintf(&buf, `,"link":[{"relation":"self","url":%s}`, fhir.AppendString(nil, self))
+	if next > 0 {
+		nv := cloneValues(vals)
+		nv.Set("_cursor", strconv.FormatInt(next, 10))
+		fmt.Fprintf(&buf, `,{"relation":"next","url":%s}`, fhir.AppendString(nil, s.publicURL(r, r.URL.Path)+"?"+nv.Encode()))
 	}
 	buf.WriteString(`],"entry":[`)
-	for _, res := range page.Resources {
+	for _, res := range matches {
 		appendEntry(&buf, s.publicURL(r, fmt.Sprintf("%s/%s/%s", s.cfg.BasePath, typ, res.ID)), res.Body, `"search":{"mode":"match"}`)
 	}
 	buf.WriteString("]}")
@@ -402,44 +450,6 @@ func cloneValues(v url.Values) url.Values {
 		out[k] = append([]string(nil), vs...)
 	}
 	return out
-}
-
-// lastUpdated narrows q by one _lastUpdated value (prefix + date).
-func lastUpdated(q *kiln.SearchQuery, v string) error {
-	prefix := "eq"
-	if len(v) > 2 && v[0] >= 'a' && v[0] <= 'z' {
-		prefix, v = v[:2], v[2:]
-	}
-	start, end, _, err := fhir.ParseDateTime(v)
-	if err != nil {
-		return kiln.Invalid("_lastUpdated", "_lastUpdated: %v", err)
-	}
-	lower := func(t time.Time) {
-		if q.UpdatedAfter.IsZero() || t.After(q.UpdatedAfter) {
-			q.UpdatedAfter, q.UpdatedGE = t, true
-		}
-	}
-	upper := func(t time.Time) {
-		if q.UpdatedBefore.IsZero() || t.Before(q.UpdatedBefore) {
-			q.UpdatedBefore, q.UpdatedLE = t, false
-		}
-	}
-	switch prefix {
-	case "eq":
-		lower(start)
-		upper(end)
-	case "ge":
-		lower(start)
-	case "gt":
-		lower(end)
-	case "le":
-		upper(end)
-	case "lt":
-		upper(start)
-	default:
-		return kiln.Invalid("_lastUpdated", "_lastUpdated prefix %q is not supported (eq, gt, ge, lt, le)", prefix)
-	}
-	return nil
 }
 
 // bundle processes a batch or transaction Bundle. A transaction is atomic:

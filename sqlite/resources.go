@@ -423,7 +423,7 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 		if len(page.Resources) == count {
 			break
 		}
-		r.LastUpdated = fromMS(lu)
+		r.LastUpdated, r.Cursor = fromMS(lu), rid
 		page.Resources = append(page.Resources, r)
 		page.Next = rid
 	}

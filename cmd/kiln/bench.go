@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -144,6 +145,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		{"system export", "/$export"},
 		{"patient export", "/Patient/$export"},
 		{"group export", "/Group/bench/$export"},
+		{"filtered export", "/$export?_type=Observation&_typeFilter=" + url.QueryEscape("Observation?category=laboratory")},
 	} {
 		runtime.GC()
 		resetPeakRSS()
