@@ -98,6 +98,11 @@ func (v *validator) add(path, format string, args ...any) {
 }
 
 func (v *validator) object(m map[string]any, t *TypeDef, path string) {
+	if len(m) == 0 {
+		// FHIR: an element has a value or children; {} is neither.
+		v.add(path, "%s must not be an empty object", path)
+		return
+	}
 	for k, val := range m {
 		p := t.Prop(k)
 		if p == nil {

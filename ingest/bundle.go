@@ -127,6 +127,10 @@ func PrepareBundle(b map[string]any, opt BundleOptions) (kind string, entries []
 		if len(rewrite) > 0 {
 			rewriteRefs(res, rewrite)
 		}
+		if u := unresolvedURN(res); u != "" {
+			en.Err = kiln.Invalid(fmt.Sprintf("Bundle.entry[%d].resource", i), "Bundle.entry[%d].resource refers to %s, which no entry of the Bundle defines", i, u)
+			continue
+		}
 		p, err := fhir.FromMap(res)
 		if err != nil {
 			en.Err = prefixError(err, fmt.Sprintf("Bundle.entry[%d].resource", i))
@@ -184,4 +188,30 @@ func rewriteRefs(v any, to map[string]string) {
 			rewriteRefs(val, to)
 		}
 	}
+}
+
+// unresolvedURN returns a urn:uuid: or urn:oid: reference left in v (after
+// rewriting, such a reference points at nothing), or "".
+func unresolvedURN(v any) string {
+	switch x := v.(type) {
+	case []any:
+		for _, item := range x {
+			if u := unresolvedURN(item); u != "" {
+				return u
+			}
+		}
+	case map[string]any:
+		for k, val := range x {
+			if s, ok := val.(string); ok {
+				if k == "reference" && (strings.HasPrefix(s, "urn:uuid:") || strings.HasPrefix(s, "urn:oid:")) {
+					return s
+				}
+				continue
+			}
+			if u := unresolvedURN(val); u != "" {
+				return u
+			}
+		}
+	}
+	return ""
 }
