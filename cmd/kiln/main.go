@@ -19,6 +19,7 @@ Usage:
   kiln import   [flags] PATH…    load NDJSON, NDJSON.gz and Bundle files or folders
   kiln generate [flags]          write deterministic synthetic patients as NDJSON
   kiln bench    [flags]          generate, import and export end to end, and report figures
+  kiln pull     --server URL …   run a bulk export on any server and download, verify, resume
   kiln client   add|list|remove  manage SMART Backend Services clients
   kiln token    [flags]          mint a development bearer token
   kiln version                   print the version
@@ -53,6 +54,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = cmdServe(ctx, args[1:], stdout, stderr)
+	case "pull":
+		err = cmdPull(ctx, args[1:], stdout, stderr)
 	case "client":
 		err = cmdClient(ctx, args[1:], stdout, stderr)
 	case "token":

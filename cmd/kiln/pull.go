@@ -1,0 +1,189 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/term"
+
+	"github.com/kiln-fhir/kiln/pull"
+)
+
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error {
+	*l = append(*l, v)
+	return nil
+}
+
+// cmdPull is the bulk data client.
+func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("kiln pull", flag.ContinueOnError)
+	server := fs.String("server", "", "FHIR base URL of the server, e.g. https://fhir.example.com/4_0_0")
+	group := fs.String("group", "", "export Group/ID (Group level)")
+	patientLevel := fs.Bool("patient-level", false, "export Patient/$export (all patients, or --patient)")
+	system := fs.Bool("system", false, "export $export (system level; the default)")
+	types := fs.String("type", "", "comma-separated resource types (_type)")
+	since := fs.String("since", "", "_since (FHIR instant or date)")
+	until := fs.String("until", "", "_until")
+	elements := fs.String("elements", "", "comma-separated _elements")
+	var typeFilters, patients listFlag
+	fs.Var(&typeFilters, "type-filter", "a _typeFilter, e.g. 'Observation?category=laboratory' (repeatable)")
+	fs.Var(&patients, "patient", "a patient id or Patient/id (repeatable; sent in a POST Parameters body)")
+	out := fs.String("out", "./kiln-pull", "folder for the files, the manifest and the resume state")
+	parallel := fs.Int("parallel", 4, "parallel downloads")
+	lenient := fs.Bool("lenient", false, "send Prefer: handling=lenient")
+	token := fs.String("token", "", "bearer token")
+	tokenFile := fs.String("token-file", "", "file holding the bearer token")
+	clientID := fs.String("client-id", "", "SMART Backend Services client id")
+	keyFile := fs.String("private-key", "", "client private key: JWK (with kid) or PEM")
+	keyID := fs.String("key-id", "", "kid for a PEM key")
+	tokenURL := fs.String("token-url", "", "token endpoint (default: discovered from /.well-known/smart-configuration)")
+	scope := fs.String("scope", "system/*.read access/*.read", "scopes to ask the token endpoint for")
+	resume := fs.String("resume", "", "continue the interrupted pull in this folder")
+	sinceLast := fs.String("since-last", "", "pull incrementally into this folder: _since its last transactionTime; deletions and new versions replace older lines")
+	cancelOnInterrupt := fs.Bool("cancel-on-interrupt", false, "on Ctrl-C, cancel the export without asking")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: kiln pull --server URL [flags]\n\nRuns a bulk export on any conformant server and downloads, verifies and saves the files.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	tty := false
+	if f, ok := stderr.(*os.File); ok {
+		tty = term.IsTerminal(int(f.Fd()))
+	}
+	progress := func(s string) {
+		if tty {
+			fmt.Fprintf(stderr, "\r\033[K%s", s)
+		} else {
+			fmt.Fprintf(stderr, "%s %s\n", time.Now().Format("15:04:05"), s)
+		}
+	}
+	dir := *out
+	if *resume != "" {
+		dir = *resume
+	} else if *sinceLast != "" {
+		dir = *sinceLast
+	}
+	httpc := &http.Client{}
+	opt := pull.Options{Out: dir, Parallel: *parallel, HTTP: httpc, Progress: progress}
+	c := pull.New(opt)
+	var st *pull.State
+	var err error
+	if *resume != "" {
+		if st, err = c.Resume(); err != nil {
+			return err
+		}
+		*server = st.Request.Server
+	}
+	if *server == "" {
+		fs.Usage()
+		return errUsage
+	}
+	switch {
+	case *token != "":
+		opt.Tokens = pull.StaticToken(*token)
+	case *tokenFile != "":
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return err
+		}
+		opt.Tokens = pull.StaticToken(strings.TrimSpace(string(b)))
+	case *clientID != "":
+		key, kid, err := pull.LoadKey(*keyFile)
+		if err != nil {
+			return fmt.Errorf("--private-key: %w", err)
+		}
+		if *keyID != "" {
+			kid = *keyID
+		}
+		tu := *tokenURL
+		if tu == "" {
+			if tu, err = pull.DiscoverTokenURL(ctx, httpc, *server); err != nil {
+				return err
+			}
+		}
+		opt.Tokens = &pull.BackendServices{ClientID: *clientID, Key: key, KeyID: kid, TokenURL: tu, Scope: *scope, HTTP: httpc}
+	}
+	c = pull.New(opt)
+	if st == nil {
+		req := pull.Request{Server: *server, Level: "system", Types: splitList(*types), Since: *since, Until: *until,
+			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient}
+		switch {
+		case *group != "":
+			req.Level, req.GroupID = "group", *group
+		case *patientLevel || len(patients) > 0:
+			req.Level = "patient"
+		}
+		_ = system
+		if *sinceLast != "" {
+			if req.Since, err = pull.PreviousTransactionTime(*sinceLast); err != nil {
+				return err
+			}
+		}
+		if st, err = c.Start(ctx, req); err != nil {
+			return err
+		}
+	}
+	res, err := runPull(ctx, c, st)
+	if tty {
+		fmt.Fprintln(stderr)
+	}
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return interrupted(c, st, dir, *cancelOnInterrupt, tty, stderr)
+		}
+		return err
+	}
+	if *sinceLast != "" {
+		deleted, updated, err := pull.RunIDs(dir, st.RunID)
+		if err != nil {
+			return err
+		}
+		n, err := pull.ApplyIncrement(dir, st.RunID, deleted, updated)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "incremental: %d deletions and %d new versions applied (%d older lines removed)\n", len(deleted), len(updated), n)
+	}
+	fmt.Fprintf(stdout, "pulled %d files into %s: %d resources, %d deletions, %d error lines, %.1f MB; transactionTime %s; all verified\n",
+		res.Files, dir, res.Resources, res.Deleted, res.Errors, float64(res.Bytes)/1e6, res.Manifest.TransactionTime)
+	return nil
+}
+
+func runPull(ctx context.Context, c *pull.Client, st *pull.State) (*pull.Result, error) {
+	m, err := c.Wait(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	return c.Download(ctx, st, m)
+}
+
+// interrupted asks (on a terminal) whether to cancel the export on the server.
+func interrupted(c *pull.Client, st *pull.State, dir string, cancel, tty bool, stderr io.Writer) error {
+	if !cancel && tty {
+		fmt.Fprint(stderr, "\nInterrupted. Cancel the export on the server? [y/N] ")
+		line, _ := bufio.NewReader(os.Stdin).ReadString('\n')
+		cancel = strings.HasPrefix(strings.ToLower(strings.TrimSpace(line)), "y")
+	}
+	if cancel {
+		ctx, done := context.WithTimeout(context.Background(), 30*time.Second)
+		defer done()
+		if err := c.Cancel(ctx, st); err != nil {
+			return err
+		}
+		return errors.New("interrupted; export cancelled")
+	}
+	return fmt.Errorf("interrupted; the export keeps running: continue with kiln pull --resume %s", dir)
+}
