@@ -171,4 +171,3 @@ func rootOf(u string) string {
 	}
 	return p.Scheme + "://" + p.Host
 }
-
