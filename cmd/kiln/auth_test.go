@@ -1,0 +1,89 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/go-jose/go-jose/v4"
+
+	"github.com/kiln-fhir/kiln/auth"
+)
+
+func TestServeRefusesOpenBindWithoutAuth(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := authFlags{mode: "none"}
+	if err := a.checkBind("127.0.0.1:8080", log); err != nil {
+		t.Errorf("loopback: %v", err)
+	}
+	if err := a.checkBind("localhost:8080", log); err != nil {
+		t.Errorf("localhost: %v", err)
+	}
+	if err := a.checkBind("0.0.0.0:8080", log); err == nil || !strings.Contains(err.Error(), "without authentication") {
+		t.Errorf("0.0.0.0 without auth: %v", err)
+	}
+	a.insecureNoAuth = true
+	if err := a.checkBind("0.0.0.0:8080", log); err != nil {
+		t.Errorf("--insecure-no-auth: %v", err)
+	}
+	a = authFlags{mode: "jwt"}
+	if err := a.checkBind("0.0.0.0:8080", log); err != nil {
+		t.Errorf("jwt on 0.0.0.0: %v", err)
+	}
+	if code, _, errOut := runCLI(t, "serve", "--addr", "0.0.0.0:0", "--data", t.TempDir()); code != 1 || !strings.Contains(errOut, "refusing to serve") {
+		t.Errorf("kiln serve on 0.0.0.0: %d %q", code, errOut)
+	}
+}
+
+func TestClientAndTokenCommands(t *testing.T) {
+	data := t.TempDir()
+	k, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	jwks, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: k.Public(), KeyID: "c1", Algorithm: "ES384"}}})
+	f := filepath.Join(t.TempDir(), "client.jwks")
+	os.WriteFile(f, jwks, 0o600)
+	if code, out, errOut := runCLI(t, "client", "add", "--data", data, "--id", "c1", "--jwks-file", f, "--scope", "system/*.read access/a.read"); code != 0 || !strings.Contains(out, "registered") {
+		t.Fatalf("client add: %d %q %q", code, out, errOut)
+	}
+	if code, out, _ := runCLI(t, "client", "list", "--data", data); code != 0 || !strings.Contains(out, "c1") || !strings.Contains(out, "access/a.read") {
+		t.Fatalf("client list: %q", out)
+	}
+	if code, _, errOut := runCLI(t, "client", "add", "--data", data, "--id", "c2", "--scope", "x"); code != 1 || !strings.Contains(errOut, "jwks") {
+		t.Fatalf("client add without keys: %q", errOut)
+	}
+	if code, out, _ := runCLI(t, "client", "remove", "--data", data, "--id", "c1"); code != 0 || !strings.Contains(out, "removed") {
+		t.Fatalf("client remove: %q", out)
+	}
+	if code, _, errOut := runCLI(t, "client", "remove", "--data", data, "--id", "c1"); code != 1 || !strings.Contains(errOut, "not registered") {
+		t.Fatalf("second remove: %q", errOut)
+	}
+	// kiln token mints with the data folder's key a token the server verifies.
+	code, out, errOut := runCLI(t, "token", "--data", data, "--public-url", "http://127.0.0.1:9999", "--scope", "system/Patient.read access/a.read", "--sub", "dev1")
+	if code != 0 {
+		t.Fatalf("token: %q", errOut)
+	}
+	key, err := auth.LoadOrCreateKey(filepath.Join(data, "auth", "signing-key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := auth.NewVerifier(auth.Config{Issuer: "http://127.0.0.1:9999/4_0_0", Key: key})
+	p, err := v.Verify(context.Background(), strings.TrimSpace(out))
+	if err != nil || p.Name != "dev1" || !p.CanRead("Patient") || p.CanRead("Observation") {
+		t.Fatalf("minted token: %v %+v", err, p)
+	}
+	// With a shared secret: an HS256 token the secret's verifier accepts.
+	secret := filepath.Join(t.TempDir(), "secret")
+	os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600)
+	code, out, _ = runCLI(t, "token", "--data", data, "--auth-secret-file", secret, "--sub", "dev2")
+	sv, _ := auth.NewVerifier(auth.Config{Issuer: "http://127.0.0.1:8080/4_0_0", Key: key, SecretFile: secret})
+	if p, err := sv.Verify(context.Background(), strings.TrimSpace(out)); code != 0 || err != nil || p.Name != "dev2" {
+		t.Fatalf("HS256 token: %d %v", code, err)
+	}
+}
