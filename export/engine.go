@@ -742,6 +742,7 @@ func (s *Service) failJob(id string, u *kiln.Unit, cause error) {
 		return
 	}
 	s.cancelUnits(j.ID)
+	s.waitForUnits(id, u)
 	if err := s.sink.RemoveJob(ctx, id); err != nil {
 		s.log.Error("remove failed export's files", "job", id, "err", err)
 	}
@@ -891,14 +892,29 @@ func (s *Service) Cancel(ctx context.Context, id string) error {
 			s.log.Warn("stop export workers", "job", id, "err", err)
 		}
 	}
+	s.waitForUnits(id, nil)
+	return s.remove(ctx, id)
+}
+
+// waitForUnits waits (up to 30 s) until no unit of the job runs here, except
+// self (the failing unit that calls it).
+func (s *Service) waitForUnits(id string, self *kiln.Unit) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	others := func() int {
+		n := len(s.running[id])
+		if self != nil {
+			if _, ok := s.running[id][self.Seq]; ok {
+				n--
+			}
+		}
+		return n
+	}
 	deadline := time.Now().Add(30 * time.Second)
-	for len(s.running[id]) > 0 && time.Now().Before(deadline) {
+	for others() > 0 && time.Now().Before(deadline) {
 		// Units stop at their next batch; the cond is broadcast as each ends.
 		s.waitUnits(deadline)
 	}
-	s.mu.Unlock()
-	return s.remove(ctx, id)
 }
 
 // waitUnits waits on the cond with a timeout. Caller holds s.mu.

@@ -182,8 +182,10 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 	if err != nil {
 		return false, fmt.Errorf("encode parts: %w", err)
 	}
-	tag, err := db.pool.Exec(ctx, `UPDATE units SET state=$1, result=$2 WHERE job=$3 AND seq=$4 AND state=$5 AND attempts=$6`,
-		unitDone, res, u.Job, u.Seq, unitRunning, u.Attempts)
+	// A unit of a job that failed or was cancelled meanwhile is not recorded: its files go.
+	tag, err := db.pool.Exec(ctx, `UPDATE units SET state=$1, result=$2 WHERE job=$3 AND seq=$4 AND state=$5 AND attempts=$6
+		AND EXISTS (SELECT 1 FROM jobs WHERE id=$3 AND state = ANY($7::text[]))`,
+		unitDone, res, u.Job, u.Seq, unitRunning, u.Attempts, []string{string(kiln.JobAccepted), string(kiln.JobInProgress)})
 	if err != nil {
 		return false, fmt.Errorf("postgres: finish unit: %w", err)
 	}

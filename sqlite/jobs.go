@@ -220,8 +220,10 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 	}
 	var ok bool
 	err = db.inTx(ctx, func(tx *sql.Tx) error {
-		r, err := tx.ExecContext(ctx, `UPDATE units SET state=?, result=? WHERE job=? AND seq=? AND state=? AND attempts=?`,
-			unitDone, res, u.Job, u.Seq, unitRunning, u.Attempts)
+		// A unit of a job that failed or was cancelled meanwhile is not recorded: its files go.
+		r, err := tx.ExecContext(ctx, `UPDATE units SET state=?, result=? WHERE job=? AND seq=? AND state=? AND attempts=?
+			AND EXISTS (SELECT 1 FROM jobs WHERE id=? AND state IN (?, ?))`,
+			unitDone, res, u.Job, u.Seq, unitRunning, u.Attempts, u.Job, string(kiln.JobAccepted), string(kiln.JobInProgress))
 		if err != nil {
 			return fmt.Errorf("finish unit: %w", err)
 		}

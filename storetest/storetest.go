@@ -493,8 +493,8 @@ func testUnits(t *testing.T, s Store) {
 	if _, err := s.UpdateJob(ctx, "j1", func(j *kiln.Job) error { j.State = kiln.JobCancelled; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if ok, _ := s.FinishUnit(ctx, u4, nil); !ok {
-		t.Fatal("a running unit of a cancelled job can still be recorded; the engine discards it")
+	if ok, _ := s.FinishUnit(ctx, u4, nil); ok {
+		t.Fatal("a unit of a cancelled job was recorded as done")
 	}
 	// A lease that runs out hands the unit back.
 	job2 := &kiln.Job{ID: "j2", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
