@@ -458,7 +458,23 @@ func (s *Service) launch(ctx context.Context, id string) {
 
 // relaunch retries pending launches.
 func (s *Service) relaunch(ctx context.Context) {
-	t := time.NewTicker(s.cfg.RelaunchEvery)
+	every(ctx, s.cfg.RelaunchEvery, func() bool {
+		jobs, err := s.jobs.Jobs(ctx, kiln.JobAccepted, kiln.JobInProgress)
+		if err != nil {
+			return true
+		}
+		for _, j := range jobs {
+			if j.LaunchPending {
+				s.launch(ctx, j.ID)
+			}
+		}
+		return true
+	})
+}
+
+// every calls fn each period until ctx ends or fn returns false.
+func every(ctx context.Context, period time.Duration, fn func() bool) {
+	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
@@ -466,14 +482,8 @@ func (s *Service) relaunch(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		jobs, err := s.jobs.Jobs(ctx, kiln.JobAccepted, kiln.JobInProgress)
-		if err != nil {
-			continue
-		}
-		for _, j := range jobs {
-			if j.LaunchPending {
-				s.launch(ctx, j.ID)
-			}
+		if !fn() {
+			return
 		}
 	}
 }
@@ -508,51 +518,38 @@ func (s *Service) onLaunchEvent(ctx context.Context, ev kiln.LaunchEvent) {
 // reclaim hands units whose worker stopped heart-beating (a killed process,
 // a lost pod) back to pending, so another worker redoes them.
 func (s *Service) reclaim(ctx context.Context) {
-	t := time.NewTicker(max(s.cfg.Lease/4, 100*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, max(s.cfg.Lease/4, 100*time.Millisecond), func() bool {
 		n, err := s.jobs.ReleaseExpired(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Error("reclaim expired export units", "err", err)
 			}
-			continue
+			return true
 		}
 		if n > 0 {
 			s.log.Warn("export units reclaimed from workers that stopped", "units", n)
 			s.poke()
 		}
-	}
+		return true
+	})
 }
 
 // heartbeat keeps a unit's lease while it runs; when the claim is lost the
 // unit stops, and whoever holds it now does the work.
 func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost func()) {
-	t := time.NewTicker(max(s.cfg.Lease/3, 50*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, max(s.cfg.Lease/3, 50*time.Millisecond), func() bool {
 		ok, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Warn("export unit heartbeat failed", "job", u.Job, "unit", u.Seq, "err", err)
 			}
-			continue
+			return true
 		}
 		if !ok {
 			lost()
-			return
 		}
-	}
+		return ok
+	})
 }
 
 func (s *Service) recover(ctx context.Context) error {
@@ -936,18 +933,12 @@ func (s *Service) remove(ctx context.Context, id string) error {
 }
 
 func (s *Service) sweep(ctx context.Context) {
-	t := time.NewTicker(s.cfg.SweepEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, s.cfg.SweepEvery, func() bool {
 		if err := s.Sweep(ctx); err != nil && ctx.Err() == nil {
 			s.log.Error("sweep expired exports", "err", err)
 		}
-	}
+		return true
+	})
 }
 
 // Sweep removes jobs past their expiry and leftovers of cancelled ones.

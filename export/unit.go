@@ -146,9 +146,6 @@ func outcomeLine(is kiln.Issue) []byte {
 	return append(b, `}]}`...)
 }
 
-// ErrorLine is an OperationOutcome line for an error file.
-func ErrorLine(is kiln.Issue) []byte { return outcomeLine(is) }
-
 type openPart struct {
 	part kiln.Part
 	w    io.WriteCloser

@@ -203,11 +203,18 @@ func Prepare(p *Parsed, id string, opt Options) kiln.Write {
 		if !ok {
 			continue
 		}
-		first = e.field(first, pr.Name, val, pr)
 		if pr.Name == "meta" {
-			// e.buf ends with the meta object; its content starts after `"meta":{`.
-			metaAt = len(e.buf) - len(Encode1(meta)) + 1
+			if !first {
+				e.buf = append(e.buf, ',')
+			}
+			e.buf = append(e.buf, `"meta":`...)
+			// The meta object's content starts just after its '{'.
+			metaAt = len(e.buf) + 1
+			e.value(val, pr)
+			first = false
+			continue
 		}
+		first = e.field(first, pr.Name, val, pr)
 	}
 	e.buf = append(e.buf, '}')
 	sum := sha256.Sum256(e.buf)
@@ -223,13 +230,6 @@ func Prepare(p *Parsed, id string, opt Options) kiln.Write {
 	refs := Extract(p.Type, id, m, opt)
 	w.Patients, w.Supporting, w.PatientRefs, w.AccessCodes = refs.Patients, refs.Supporting, refs.PatientRefs, refs.AccessCodes
 	return w
-}
-
-// Encode1 encodes a Meta element alone, as Prepare writes it.
-func Encode1(meta map[string]any) []byte {
-	e := encoder{d: R4()}
-	e.object(meta, e.d.Types["Meta"])
-	return e.buf
 }
 
 // SpliceMeta returns w's body with meta.versionId and meta.lastUpdated set.

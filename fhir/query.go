@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -70,7 +71,7 @@ func ParseQuery(typ string, params url.Values, allowResult bool) (*Query, error)
 		if p == nil {
 			return nil, kiln.Invalid(raw, "%s has no supported search parameter %q", typ, code)
 		}
-		if mod != "" && !contains(modifiersByType[p.Type], mod) {
+		if mod != "" && !slices.Contains(modifiersByType[p.Type], mod) {
 			return nil, kiln.Invalid(raw, "modifier :%s is not supported on %s parameter %s", mod, p.Type, code)
 		}
 		for _, v := range params[raw] {
@@ -88,15 +89,6 @@ func ParseQuery(typ string, params url.Values, allowResult bool) (*Query, error)
 		}
 	}
 	return q, nil
-}
-
-func contains(s []string, x string) bool {
-	for _, v := range s {
-		if v == x {
-			return true
-		}
-	}
-	return false
 }
 
 // splitValues splits on commas that are not escaped with a backslash.
@@ -121,7 +113,7 @@ func splitValues(v string) []string {
 var prefixes = []string{"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"}
 
 func splitPrefix(v string) (string, string) {
-	if len(v) > 2 && contains(prefixes, v[:2]) && (v[2] == '-' || v[2] == '.' || (v[2] >= '0' && v[2] <= '9')) {
+	if len(v) > 2 && slices.Contains(prefixes, v[:2]) && (v[2] == '-' || v[2] == '.' || (v[2] >= '0' && v[2] <= '9')) {
 		return v[:2], v[2:]
 	}
 	return "eq", v

@@ -1,7 +1,7 @@
 package fhir
 
 import (
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/kiln-fhir/kiln"
@@ -158,34 +158,16 @@ func ParseReference(s string, opt Options) (kiln.Ref, bool) {
 }
 
 func uniq(s []string) []string {
-	if len(s) < 2 {
-		return s
-	}
-	sort.Strings(s)
-	out := s[:1]
-	for _, x := range s[1:] {
-		if x != out[len(out)-1] {
-			out = append(out, x)
-		}
-	}
-	return out
+	slices.Sort(s)
+	return slices.Compact(s)
 }
 
 func uniqRefs(s []kiln.Ref) []kiln.Ref {
-	if len(s) < 2 {
-		return s
-	}
-	sort.Slice(s, func(i, j int) bool {
-		if s[i].Type != s[j].Type {
-			return s[i].Type < s[j].Type
+	slices.SortFunc(s, func(a, b kiln.Ref) int {
+		if c := strings.Compare(a.Type, b.Type); c != 0 {
+			return c
 		}
-		return s[i].ID < s[j].ID
+		return strings.Compare(a.ID, b.ID)
 	})
-	out := s[:1]
-	for _, x := range s[1:] {
-		if x != out[len(out)-1] {
-			out = append(out, x)
-		}
-	}
-	return out
+	return slices.Compact(s)
 }

@@ -4,6 +4,7 @@ package metrics
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -96,7 +97,7 @@ func (m *Metrics) HTTP(route string, code int, d time.Duration) {
 	if route == "" {
 		route = "unmatched"
 	}
-	m.httpRequests.WithLabelValues(route, itoa(code)).Inc()
+	m.httpRequests.WithLabelValues(route, strconv.Itoa(code)).Inc()
 	m.httpSecs.WithLabelValues(route).Observe(d.Seconds())
 }
 
@@ -112,14 +113,6 @@ func (m *Metrics) AuthFailure(reason string) {
 	if m != nil {
 		m.authFailures.WithLabelValues(reason).Inc()
 	}
-}
-
-func itoa(n int) string {
-	const digits = "0123456789"
-	if n >= 100 && n < 1000 {
-		return string([]byte{digits[n/100], digits[n/10%10], digits[n%10]})
-	}
-	return "other"
 }
 
 var (
