@@ -27,6 +27,21 @@ const (
 	EINTERNAL     = "internal"      // 500, logged in full, shown as "internal error"
 )
 
+// TransientChecker is implemented by stores that can tell a passing outage (a
+// restarting database, a dropped connection) from a real failure. Work that
+// fails transiently is retried, not failed: an export outlives a database
+// restart, and a REST client gets 503 with Retry-After instead of 500.
+type TransientChecker interface {
+	Transient(err error) bool
+}
+
+// Transient reports whether store judges err a passing outage; false when
+// store cannot tell.
+func Transient(store any, err error) bool {
+	c, ok := store.(TransientChecker)
+	return ok && err != nil && c.Transient(err)
+}
+
 // Error is a domain error. Expression names where the problem is (a parameter
 // name, a FHIRPath such as Patient.name[0].given, or file:line).
 type Error struct {

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -119,7 +120,12 @@ type Service struct {
 	// unitsDone is signalled whenever a unit stops running.
 	unitsDone *sync.Cond
 	wake      chan struct{}
+	// finished counts the units this service has run to the end.
+	finished atomic.Int64
 }
+
+// UnitsFinished is how many units this service (this process) has run to the end.
+func (s *Service) UnitsFinished() int64 { return s.finished.Load() }
 
 // New returns an export service.
 func New(store Store, jobs kiln.JobStore, sink kiln.Sink, cfg Config) *Service {
@@ -414,10 +420,21 @@ func (s *Service) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		s.sweep(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		// A job whose last unit could not finalize it (the store was away
+		// at that moment) is finalized here.
+		every(ctx, 5*time.Second, func() bool {
+			if err := s.recover(ctx); err != nil && ctx.Err() == nil && !s.transient(err) {
+				s.log.Error("finish exports whose units are all done", "err", err)
+			}
+			return true
+		})
 	}()
 	go func() {
 		defer wg.Done()
@@ -577,7 +594,11 @@ func (s *Service) work(ctx context.Context, worker int) {
 	for ctx.Err() == nil {
 		u, err := s.jobs.ClaimUnit(ctx, s.cfg.Lease)
 		if err != nil {
-			if ctx.Err() == nil {
+			switch {
+			case ctx.Err() != nil:
+			case s.transient(err):
+				s.log.Warn("claim export unit: the store is unavailable", "err", err)
+			default:
 				s.log.Error("claim export unit", "err", err)
 			}
 			u = nil
@@ -592,7 +613,28 @@ func (s *Service) work(ctx context.Context, worker int) {
 		}
 		// Another idle worker may find more.
 		s.poke()
-		s.runUnit(ctx, u, worker)
+		if !s.runUnit(ctx, u, worker) {
+			// The store is briefly away (a restart): give it a moment.
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}
+}
+
+// transient reports whether err is a passing store outage: the unit is then
+// handed back and redone, not failed.
+func (s *Service) transient(err error) bool {
+	return kiln.Transient(s.jobs, err) || kiln.Transient(s.store, err)
+}
+
+// handBack returns a unit to pending after a transient failure. If the store
+// is still away this fails too, and the unit's lease running out does the same.
+func (s *Service) handBack(u *kiln.Unit, cause error) {
+	s.log.Warn("export unit handed back: the store is unavailable", "job", u.Job, "unit", u.Seq, "err", cause)
+	if err := s.jobs.ReleaseUnit(context.Background(), u); err != nil {
+		s.log.Warn("hand back export unit; its lease will run out instead", "job", u.Job, "unit", u.Seq, "err", err)
 	}
 }
 
@@ -622,7 +664,9 @@ var (
 	errLeaseLost = errors.New("unit lease lost")
 )
 
-func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
+// runUnit runs one claimed unit to its end; false when it stopped on a
+// transient store error (the unit is handed back).
+func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool {
 	ctx, cancel := context.WithCancelCause(parent)
 	s.register(u, func() { cancel(errJobGone) })
 	defer func() {
@@ -634,13 +678,17 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 	// (and waits for it) or has already marked the job, which is seen here.
 	job, err := s.jobs.GetJob(ctx, u.Job)
 	if err != nil {
+		if s.transient(err) {
+			s.handBack(u, err)
+			return false
+		}
 		if kiln.ErrorCode(err) != kiln.ENOTFOUND {
 			s.log.Error("export unit without job", "job", u.Job, "unit", u.Seq, "err", err)
 		}
-		return
+		return true
 	}
 	if job.Finished() {
-		return
+		return true
 	}
 	if job.State == kiln.JobAccepted {
 		if _, err := s.jobs.UpdateJob(ctx, job.ID, func(j *kiln.Job) error {
@@ -661,30 +709,42 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 	// A unit that ran before (and died) is redone from scratch.
 	if err := s.sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
 		s.failJob(job.ID, u, err)
-		return
+		return true
 	}
 	parts, err := s.execute(ctx, job, u)
 	if err != nil {
 		switch context.Cause(ctx) {
 		case errJobGone:
 			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
-			return
+			return true
 		case errLeaseLost:
 			// Another worker has the unit now and starts it from scratch.
 			s.log.Warn("export unit lease lost; left to its new worker", "job", u.Job, "unit", u.Seq)
-			return
+			return true
 		}
 		if parent.Err() != nil {
 			// Shutting down: the unit goes back to pending and is redone.
 			if err := s.jobs.ReleaseUnit(context.Background(), u); err != nil {
 				s.log.Error("hand back export unit", "job", u.Job, "unit", u.Seq, "err", err)
 			}
-			return
+			return true
 		}
+		if s.transient(err) {
+			s.handBack(u, err)
+			return false
+		}
+		// Its own partial files go first: on a full disk that is the space
+		// the store needs to record the failure.
+		_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
 		s.failJob(job.ID, u, err)
-		return
+		return true
 	}
 	ok, err := s.jobs.FinishUnit(ctx, u, parts)
+	if err != nil && s.transient(err) && parent.Err() == nil {
+		// Not recorded (or recorded and the answer lost: then this is a no-op).
+		s.handBack(u, err)
+		return false
+	}
 	if err != nil || !ok {
 		if err != nil && parent.Err() == nil {
 			s.log.Error("finish export unit", "job", u.Job, "unit", u.Seq, "err", err)
@@ -694,8 +754,9 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 			// files belong to the unit's new worker and stay.)
 			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
 		}
-		return
+		return true
 	}
+	s.finished.Add(1)
 	s.cfg.Metrics.UnitDone(u.Kind, parts, time.Since(start))
 	var n int64
 	for _, p := range parts {
@@ -704,14 +765,16 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) {
 	s.log.Debug("export unit done", "job", u.Job, "unit", u.Seq, "kind", u.Kind, "type", u.Type, "resources", n, "worker", worker, "seconds", time.Since(start).Seconds())
 	total, done, err := s.jobs.UnitCounts(ctx, u.Job)
 	if err != nil {
+		// finalizeDone, on the reclaim ticker, finishes the job later.
 		s.log.Error("count export units", "job", u.Job, "err", err)
-		return
+		return true
 	}
 	if done == total {
 		if err := s.finalize(ctx, u.Job); err != nil {
 			s.log.Error("finish export", "job", u.Job, "err", err)
 		}
 	}
+	return true
 }
 
 func unitPrefix(seq int) string { return fmt.Sprintf("%06d-", seq) }

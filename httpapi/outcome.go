@@ -62,7 +62,20 @@ func writeOutcome(w http.ResponseWriter, status int, severity, code, msg string,
 // in full and shown only as "internal error" with the request id.
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	var e *kiln.Error
-	if !errors.As(err, &e) {
+	if r.Context().Err() != nil && errors.Is(err, r.Context().Err()) {
+		// The client went away; nobody reads this answer. 499 (nginx's
+		// "client closed request") keeps it apart from server errors in metrics.
+		s.log.Debug("client gone", "method", r.Method, "path", r.URL.Path, "err", err)
+		w.WriteHeader(499)
+		return
+	}
+	if !errors.As(err, &e) && kiln.Transient(s.store, err) {
+		s.log.Warn("store unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		w.Header().Set("Retry-After", "5")
+		writeOutcome(w, http.StatusServiceUnavailable, "error", "transient", "the database is unavailable for the moment; try again shortly")
+		return
+	}
+	if e == nil {
 		id := w.Header().Get("X-Request-Id")
 		s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "request", id, "err", err)
 		writeOutcome(w, http.StatusInternalServerError, "error", "exception", "internal error (request "+id+")")

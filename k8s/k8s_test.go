@@ -71,6 +71,21 @@ func TestJobSpecDefaults(t *testing.T) {
 	}
 }
 
+// TestJobSpecWorkersPerJob: --workers-per-job N is the Job's parallelism with
+// completions unset (a work queue: the Job succeeds once one pod has
+// succeeded and all have ended), so N pods share the export's units.
+func TestJobSpecWorkersPerJob(t *testing.T) {
+	c := cfg
+	c.WorkersPerJob = 3
+	spec, err := k8s.New(fake.NewClientset(), c).JobSpec(&kiln.Job{ID: "0f8c7c2e-8c9b-4d7e-9a8e-1f0e6a1c2b3d", Launches: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *spec.Spec.Parallelism != 3 || spec.Spec.Completions != nil {
+		t.Errorf("parallelism %d, completions %v", *spec.Spec.Parallelism, spec.Spec.Completions)
+	}
+}
+
 func TestJobSpecPodParameters(t *testing.T) {
 	l := k8s.New(fake.NewClientset(), cfg)
 	ttl := 30

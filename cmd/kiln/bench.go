@@ -36,6 +36,9 @@ import (
 // every file). Memory is the process's peak RSS per phase (Linux VmHWM,
 // reset between phases), which covers the server and the benchmark client.
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "load" {
+		return cmdBenchLoad(ctx, args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("kiln bench", flag.ContinueOnError)
 	patients := fs.Int("patients", 1000, "patients to generate")
 	seed := fs.Uint64("seed", 1, "generator seed")
@@ -45,7 +48,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var sf storeFlags
 	sf.register(fs)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: kiln bench [flags]\n\nGenerates patients, imports them and exports them through the HTTP API, printing\nresources, bytes, seconds, resources/s, MB/s and peak RSS per phase.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: kiln bench [flags]\n       kiln bench load [flags]   (see kiln bench load -h)\n\nGenerates patients, imports them and exports them through the HTTP API, printing\nresources, bytes, seconds, resources/s, MB/s and peak RSS per phase.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	if err := parseFlags(fs, args, stderr); err != nil {

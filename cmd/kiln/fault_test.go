@@ -3,18 +3,25 @@ package main
 import (
 	"bufio"
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"io/fs"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/kiln-fhir/kiln/postgres"
 	"github.com/kiln-fhir/kiln/synth"
 )
 
@@ -36,93 +43,171 @@ func TestKillNineDuringExport(t *testing.T) {
 	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
 		t.Fatalf("import: %v\n%s", err, out)
 	}
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	addr := ln.Addr().String()
-	ln.Close()
-	start := func() *exec.Cmd {
-		cmd := exec.Command(bin, "serve", "--data", data, "--addr", addr, "--export-unit-size", "1500", "--log-level", "error")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			if res, err := http.Get("http://" + addr + "/readyz"); err == nil {
-				res.Body.Close()
-				return cmd
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("kiln serve did not start")
-			}
-		}
-	}
-	srv := start()
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	base := "http://" + addr + "/4_0_0"
-	locs := []string{}
-	for _, path := range []string{"/$export?fetchResourceBatchSize=50", "/Patient/$export?patientReferenceBatchSize=5&fetchResourceBatchSize=50"} {
-		res, err := http.Get(base + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		res.Body.Close()
-		if res.StatusCode != 202 {
-			t.Fatalf("kick-off: %d", res.StatusCode)
-		}
-		locs = append(locs, res.Header.Get("Content-Location"))
+	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "1500", "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+	locs := []string{
+		k.kickOff("/$export?fetchResourceBatchSize=50"),
+		k.kickOff("/Patient/$export?patientReferenceBatchSize=5&fetchResourceBatchSize=50"),
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	kills := 0
 	for range 6 {
 		time.Sleep(time.Duration(50+rng.IntN(400)) * time.Millisecond)
-		srv.Process.Signal(syscall.SIGKILL)
-		srv.Wait()
+		k.cmd.Process.Signal(syscall.SIGKILL)
+		k.cmd.Wait()
 		kills++
-		srv = start()
+		k.start()
 	}
+	want := countLines(t, gen)
 	for _, loc := range locs {
-		var m struct{ Output []struct{ Type, URL string } }
-		for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(50 * time.Millisecond) {
-			res, err := http.Get(loc)
-			if err != nil {
-				t.Fatal(err)
-			}
+		code, m := awaitExport(t, loc, 2*time.Minute)
+		if code != 200 {
+			t.Fatalf("%s after %d kills: status %d", loc, kills, code)
+		}
+		checkExport(t, loc, m, want)
+	}
+}
+
+// kilnProc is a kiln serve subprocess on a loopback port.
+type kilnProc struct {
+	t    *testing.T
+	bin  string
+	args []string
+	env  []string
+	addr string
+	cmd  *exec.Cmd
+}
+
+// start starts (or restarts, on the same port) kiln serve and waits until it is ready.
+func (k *kilnProc) start() {
+	t := k.t
+	t.Helper()
+	if k.addr == "" {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		k.addr = ln.Addr().String()
+		ln.Close()
+	}
+	k.cmd = exec.Command(k.bin, append([]string{"serve", "--addr", k.addr}, k.args...)...)
+	k.cmd.Env = append(os.Environ(), k.env...)
+	k.cmd.Stderr = os.Stderr
+	if err := k.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if res, err := http.Get("http://" + k.addr + "/readyz"); err == nil {
+			res.Body.Close()
 			if res.StatusCode == 200 {
-				json.NewDecoder(res.Body).Decode(&m)
-				res.Body.Close()
-				break
-			}
-			res.Body.Close()
-			if res.StatusCode != 202 || time.Now().After(deadline) {
-				t.Fatalf("%s after %d kills: status %d", loc, kills, res.StatusCode)
+				return
 			}
 		}
-		ids := map[string][]string{}
-		for _, o := range m.Output {
-			res, err := http.Get(o.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sc := bufio.NewScanner(res.Body)
-			sc.Buffer(make([]byte, 1<<20), 16<<20)
-			for sc.Scan() {
-				var r struct{ ResourceType, ID string }
-				if err := json.Unmarshal(sc.Bytes(), &r); err != nil || r.ResourceType != o.Type {
-					t.Fatalf("torn or misplaced line in %s: %v %.80s", o.Type, err, sc.Text())
+		if time.Now().After(deadline) {
+			t.Fatal("kiln serve did not start")
+		}
+	}
+}
+
+func (k *kilnProc) stop() {
+	if k.cmd != nil && k.cmd.Process != nil {
+		k.cmd.Process.Kill()
+		k.cmd.Wait()
+	}
+}
+
+func (k *kilnProc) base() string { return "http://" + k.addr + "/4_0_0" }
+
+// kickOff starts an export at base+path and returns its status URL.
+func (k *kilnProc) kickOff(path string) string {
+	k.t.Helper()
+	res, err := http.Get(k.base() + path)
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 202 {
+		k.t.Fatalf("kick-off %s: %d", path, res.StatusCode)
+	}
+	return res.Header.Get("Content-Location")
+}
+
+type manifest struct {
+	Output []struct {
+		Type, URL string
+		Count     int
+	}
+	Error []struct{ Type, URL string }
+	// Outcome is the body of a final status other than 200.
+	Outcome string
+}
+
+// awaitExport polls a status URL until it stops answering 202 and returns the
+// final status with the manifest (200) or the OperationOutcome's text (other).
+func awaitExport(t *testing.T, loc string, limit time.Duration) (int, *manifest) {
+	t.Helper()
+	for deadline := time.Now().Add(limit); ; time.Sleep(50 * time.Millisecond) {
+		res, err := http.Get(loc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.StatusCode == 429 || res.StatusCode == 503 {
+			// Polled too fast, or the store is away for a moment: wait.
+			res.Body.Close()
+			time.Sleep(500 * time.Millisecond)
+			continue
+		}
+		if res.StatusCode != 202 {
+			var m manifest
+			if res.StatusCode == 200 {
+				if err := json.NewDecoder(res.Body).Decode(&m); err != nil {
+					t.Fatalf("manifest: %v", err)
 				}
-				ids[o.Type] = append(ids[o.Type], r.ID)
+			} else {
+				b, _ := io.ReadAll(res.Body)
+				m.Outcome = string(b)
 			}
 			res.Body.Close()
+			return res.StatusCode, &m
 		}
-		total := 0
-		for typ, list := range ids {
-			if n := len(slices.Compact(slices.Sorted(slices.Values(list)))); n != len(list) {
-				t.Errorf("%s: %s has %d lines for %d distinct ids", loc, typ, len(list), n)
+		res.Body.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still running after %s", loc, limit)
+		}
+	}
+}
+
+// checkExport reads every file of a manifest: each line is a whole resource
+// of the file's type, no id appears twice and there are want in all.
+func checkExport(t *testing.T, loc string, m *manifest, want int) {
+	t.Helper()
+	ids := map[string][]string{}
+	for _, o := range m.Output {
+		res, err := http.Get(o.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(res.Body)
+		sc.Buffer(make([]byte, 1<<20), 16<<20)
+		for sc.Scan() {
+			var r struct{ ResourceType, ID string }
+			if err := json.Unmarshal(sc.Bytes(), &r); err != nil || r.ResourceType != o.Type {
+				t.Fatalf("torn or misplaced line in %s: %v %.80s", o.Type, err, sc.Text())
 			}
-			total += len(list)
+			ids[o.Type] = append(ids[o.Type], r.ID)
 		}
-		want := countLines(t, gen)
-		if total != want {
-			t.Errorf("%s after %d kills: %d resources, generated %d", loc, kills, total, want)
+		res.Body.Close()
+	}
+	total := 0
+	for typ, list := range ids {
+		if n := len(slices.Compact(slices.Sorted(slices.Values(list)))); n != len(list) {
+			t.Errorf("%s: %s has %d lines for %d distinct ids", loc, typ, len(list), n)
 		}
+		total += len(list)
+	}
+	if total != want {
+		t.Errorf("%s: %d resources exported, want %d", loc, total, want)
 	}
 }
 
@@ -139,4 +224,156 @@ func countLines(t *testing.T, dir string) int {
 		n += c
 	}
 	return n
+}
+
+// TestPostgresRestartDuringExport restarts the PostgreSQL server (the command
+// in KILN_PG_RESTART, which scripts/test sets) twice while exports run on it:
+// both exports complete with exactly the store's resources, and the server
+// answers REST reads afterwards.
+func TestPostgresRestartDuringExport(t *testing.T) {
+	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_PG_RESTART")
+	pgURL, restart := env[0], env[1]
+	if testing.Short() {
+		t.Skip("fault test")
+	}
+	ctx := context.Background()
+	bin := buildKiln(t)
+	dir := t.TempDir()
+	b := make([]byte, 5)
+	crand.Read(b)
+	schema := "restart_" + hex.EncodeToString(b)
+	defer postgres.DropSchema(ctx, pgURL, schema)
+	gen := filepath.Join(dir, "gen")
+	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 150, Seed: 11}); err != nil {
+		t.Fatal(err)
+	}
+	common := []string{"--store", "postgres", "--postgres-schema", schema, "--data", filepath.Join(dir, "data")}
+	pgEnv := []string{"KILN_POSTGRES_URL=" + pgURL}
+	imp := exec.Command(bin, append([]string{"import", "--quiet"}, append(common, gen)...)...)
+	imp.Env = append(os.Environ(), pgEnv...)
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	k := &kilnProc{t: t, bin: bin, env: pgEnv, args: append([]string{"--export-unit-size", "1000", "--unit-lease", "3s", "--log-level", "warn"}, common...)}
+	k.start()
+	defer k.stop()
+	locs := []string{
+		k.kickOff("/$export?fetchResourceBatchSize=50"),
+		k.kickOff("/Patient/$export?patientReferenceBatchSize=5&fetchResourceBatchSize=50"),
+	}
+	for i := range 2 {
+		time.Sleep(300 * time.Millisecond)
+		if out, err := exec.Command("sh", "-c", restart).CombinedOutput(); err != nil {
+			t.Fatalf("restart %d of PostgreSQL: %v\n%s", i+1, err, out)
+		}
+	}
+	want := countLines(t, gen)
+	for _, loc := range locs {
+		code, m := awaitExport(t, loc, 3*time.Minute)
+		if code != 200 {
+			t.Fatalf("%s after PostgreSQL restarts: status %d", loc, code)
+		}
+		checkExport(t, loc, m, want)
+	}
+	res, err := http.Get(k.base() + "/Patient?_count=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("REST read after restarts: %d", res.StatusCode)
+	}
+}
+
+// TestDiskFullDuringExport runs an export on a data folder that is a small
+// tmpfs: the disk fills up part way, the job fails with an OperationOutcome
+// that says so, no manifest is ever shown, the export's files are removed
+// (the space is free again), and the server goes on: a small export then
+// completes on the same disk. Needs root for the mount.
+func TestDiskFullDuringExport(t *testing.T) {
+	if testing.Short() {
+		t.Skip("fault test")
+	}
+	if os.Geteuid() != 0 {
+		if os.Getenv("KILN_REQUIRE_INTEGRATION") == "1" {
+			t.Fatal("the disk-full test mounts a tmpfs and needs root, and KILN_REQUIRE_INTEGRATION=1")
+		}
+		t.Skip("needs root to mount a tmpfs")
+	}
+	ctx := context.Background()
+	bin := buildKiln(t)
+	dir := t.TempDir()
+	gen, src := filepath.Join(dir, "gen"), filepath.Join(dir, "src")
+	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 60, Seed: 13}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(bin, "import", "--quiet", "--data", src, gen).CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	// Room for the store and about a third of the export.
+	size := dirBytes(t, src) + dirBytes(t, gen)/3
+	data := filepath.Join(dir, "data")
+	os.Mkdir(data, 0o700)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d", size), "tmpfs", data).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v\n%s", err, out)
+	}
+	defer exec.Command("umount", "-l", data).Run()
+	if out, err := exec.Command("cp", "-a", src+"/.", data).CombinedOutput(); err != nil {
+		t.Fatalf("copy store: %v\n%s", err, out)
+	}
+	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "800", "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+	before := freeBytes(t, data)
+	loc := k.kickOff("/$export")
+	code, m := awaitExport(t, loc, 2*time.Minute)
+	if code != 500 || !strings.Contains(m.Outcome, "OperationOutcome") || !strings.Contains(m.Outcome, "no space left on device") {
+		t.Fatalf("export on a full disk: status %d, %s", code, m.Outcome)
+	}
+	// Still failed, still no manifest, on a later poll.
+	if code, _ := awaitExport(t, loc, time.Second); code != 500 {
+		t.Fatalf("failed export later answers %d", code)
+	}
+	jobFolder := filepath.Join(data, "exports", filepath.Base(loc))
+	if _, err := os.Stat(jobFolder); !os.IsNotExist(err) {
+		t.Errorf("the failed export's folder is still there: %v", err)
+	}
+	// The store's log may keep a little; the export's megabytes are back.
+	if after := freeBytes(t, data); after < before-before/10 {
+		t.Errorf("free space %d bytes after the failed export, %d before it", after, before)
+	}
+	small := k.kickOff("/$export?_type=Patient")
+	code, m = awaitExport(t, small, time.Minute)
+	if code != 200 {
+		t.Fatalf("export after the disk filled: status %d %s", code, m.Outcome)
+	}
+	checkExport(t, small, m, 60)
+}
+
+func dirBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		info, err := d.Info()
+		if err == nil {
+			n += info.Size()
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func freeBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bavail) * st.Bsize
 }

@@ -42,7 +42,7 @@ func (f *launcherFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.reqMem, "k8s-requests-memory", "2G", "memory request when the kick-off gives neither requestsMemory nor ram")
 	fs.StringVar(&f.limMem, "k8s-limits-memory", "8G", "memory limit when the kick-off gives no limitsMemory")
 	fs.IntVar(&f.ttl, "k8s-ttl", 60, "ttlSecondsAfterFinished when the kick-off gives none")
-	fs.IntVar(&f.workersPerJob, "workers-per-job", 1, "pods per export Job (parallelism), sharing its units")
+	fs.IntVar(&f.workersPerJob, "workers-per-job", 1, "pods per export Job (parallelism), or processes per export with --launcher process, sharing its units")
 	fs.IntVar(&f.maxLaunches, "max-launches", 3, "how often an export's workers are started before the export fails")
 }
 
@@ -71,6 +71,7 @@ func (f *launcherFlags) launcher(store *storeFlags, sink *sinkFlags, log *slog.L
 		}
 		l := proc.New(self, args, log)
 		l.Env = env
+		l.Workers = f.workersPerJob
 		return l, nil
 	case "kubernetes":
 		if f.image == "" {

@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -47,10 +49,11 @@ func buildKiln(t *testing.T) string {
 	return bin
 }
 
-// TestLaunchedWorkerEndToEnd: kiln serve with the launcher path (a kiln
-// worker process per export instead of a Kubernetes Job), PostgreSQL as the
-// shared store and S3 as the sink; the export completes through the HTTP API
-// and its presigned files hold every resource.
+// TestLaunchedWorkerEndToEnd: kiln serve with the launcher path (kiln worker
+// processes per export instead of a Kubernetes Job's pods; two of them, as
+// --workers-per-job 2 gives), PostgreSQL as the shared store and S3 as the
+// sink; the export completes through the HTTP API, its presigned files hold
+// every resource, and both workers ran some of its units.
 func TestLaunchedWorkerEndToEnd(t *testing.T) {
 	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_S3_ENDPOINT")
 	pgURL, s3URL := env[0], env[1]
@@ -69,7 +72,7 @@ func TestLaunchedWorkerEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	gen := filepath.Join(dir, "gen")
-	st, err := synth.Generate(ctx, gen, synth.Options{Patients: 20, Seed: 5})
+	st, err := synth.Generate(ctx, gen, synth.Options{Patients: 40, Seed: 5})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,18 +86,25 @@ func TestLaunchedWorkerEndToEnd(t *testing.T) {
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	addr := ln.Addr().String()
 	ln.Close()
-	srv := exec.Command(bin, append([]string{"serve", "--addr", addr, "--launcher", "process", "--sink", "s3", "--s3-bucket", bucket,
-		"--s3-endpoint", s3URL, "--s3-path-style", "--log-level", "warn"}, common...)...)
+	srv := exec.Command(bin, append([]string{"serve", "--addr", addr, "--launcher", "process", "--workers-per-job", "2", "--export-unit-size", "200",
+		"--sink", "s3", "--s3-bucket", bucket, "--s3-endpoint", s3URL, "--s3-path-style", "--log-level", "warn"}, common...)...)
 	srv.Env = cmdEnv
 	logs, _ := srv.StderrPipe()
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { srv.Process.Signal(os.Interrupt); srv.Wait() }()
+	// Each worker says, as it exits, how many units it ran.
+	ran := make(chan int, 4)
+	unitsRan := regexp.MustCompile(`this worker ran (\d+) of its units`)
 	go func() {
 		sc := bufio.NewScanner(logs)
 		for sc.Scan() {
 			fmt.Fprintln(os.Stderr, "serve:", sc.Text())
+			if m := unitsRan.FindStringSubmatch(sc.Text()); m != nil {
+				n, _ := strconv.Atoi(m[1])
+				ran <- n
+			}
 		}
 	}()
 	base := "http://" + addr + "/4_0_0"
@@ -161,5 +171,15 @@ func TestLaunchedWorkerEndToEnd(t *testing.T) {
 	}
 	if n != st.Total() || m.RequiresAccessToken {
 		t.Fatalf("exported %d of %d resources; requiresAccessToken %v", n, st.Total(), m.RequiresAccessToken)
+	}
+	for i := range 2 {
+		select {
+		case n := <-ran:
+			if n == 0 {
+				t.Errorf("worker %d of 2 ran no unit", i+1)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%d of 2 workers reported back", i)
+		}
 	}
 }

@@ -91,7 +91,7 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			if j.State == kiln.JobFailed {
 				return fmt.Errorf("export job %s failed: %s", *job, j.Error)
 			}
-			fmt.Fprintf(stdout, "export job %s %s\n", *job, j.State)
+			fmt.Fprintf(stdout, "export job %s %s; this worker ran %d of its units\n", *job, j.State, svc.UnitsFinished())
 			return nil
 		}
 	}

@@ -1,0 +1,75 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/kiln-fhir/kiln/synth"
+)
+
+// TestLoad runs kiln bench load's driver against a kiln serve process with
+// its default limits: 50 clients kicking off exports at once, 200 polling
+// them, REST writers and readers, for KILN_LOAD_DURATION (default 10 s).
+// Nothing may get a 5xx or go unanswered; the export limits must show as
+// 429s; exports must complete; every write must be stored. The latency
+// table is logged (docs/operations.md has a longer run's).
+func TestLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("load test")
+	}
+	dur := 10 * time.Second
+	if v := os.Getenv("KILN_LOAD_DURATION"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("KILN_LOAD_DURATION: %v", err)
+		}
+		dur = d
+	}
+	ctx := context.Background()
+	bin := buildKiln(t)
+	dir := t.TempDir()
+	gen, data := filepath.Join(dir, "gen"), filepath.Join(dir, "data")
+	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 40, Seed: 17}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+	rep, err := runLoad(ctx, loadConfig{Base: k.base(), Baseline: 2 * time.Second, Duration: dur,
+		KickOffs: 50, Pollers: 200, Writers: 4, Readers: 4, PollEvery: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	rep.print(&out)
+	t.Logf("load for %s:\n%s", dur, out.String())
+	if n := rep.ServerErrors(); n > 0 {
+		t.Errorf("%d requests got a 5xx or no answer", n)
+	}
+	kick, status, write := rep.Classes["export kick-off"], rep.Classes["export status"], rep.Classes["REST write"]
+	if kick.count(202, 202) == 0 || kick.count(429, 429) == 0 {
+		t.Errorf("kick-offs: want some accepted and some refused with 429 (limits 10 running, 3 per client): %v", kick.statuses)
+	}
+	if status.count(429, 429) == 0 {
+		t.Errorf("200 pollers on a few exports: want 429s from the poll limit: %v", status.statuses)
+	}
+	if rep.Completed == 0 {
+		t.Errorf("no export completed under load (%d accepted)", rep.Accepted)
+	}
+	if w := write.count(0, 999); w == 0 || write.count(201, 201) != w {
+		t.Errorf("REST writes: %v", write.statuses)
+	}
+	for _, name := range []string{"REST read, idle", "REST read, exporting"} {
+		if c := rep.Classes[name]; c.count(200, 200) == 0 || c.count(200, 200) != c.count(0, 999) {
+			t.Errorf("%s: %v", name, c.statuses)
+		}
+	}
+}
