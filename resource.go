@@ -93,13 +93,21 @@ type SearchQuery struct {
 	After int64
 	// AccessCodes, when not nil, keeps only resources tagged with one of them.
 	AccessCodes []string
+	// Patients, when not nil, keeps only resources in the Patient compartment
+	// of one of these patients (the compartment index: a superset of what a
+	// patient-linked reference parameter matches, which the caller still checks).
+	Patients []string
+	// Total asks for SearchPage.Total, the number of all matches (a count
+	// over them: only asked for when shown).
+	Total bool
 }
 
 // SearchPage is a page of search results.
 type SearchPage struct {
 	Resources []Resource
 	// Next is the cursor for the next page, or 0 when this is the last one.
-	Next  int64
+	Next int64
+	// Total is the number of all matches when SearchQuery.Total asked for it.
 	Total int
 }
 
@@ -146,6 +154,13 @@ type ScanQuery struct {
 	Batch int
 	// AccessCodes, when not nil, keeps only resources tagged with one of them.
 	AccessCodes []string
+	// Patients, when not nil, keeps only resources in the Patient compartment
+	// of one of these patients (the compartment index: a superset of what a
+	// patient-linked reference parameter matches, which the caller still checks).
+	Patients []string
+	// Total asks for SearchPage.Total, the number of all matches (a count
+	// over them: only asked for when shown).
+	Total bool
 }
 
 // Cursor is a keyset position in a type's (lastUpdated, rowid) order.

@@ -71,6 +71,15 @@ func ParseQuery(typ string, params url.Values, allowResult bool) (*Query, error)
 		if p == nil {
 			return nil, kiln.Invalid(raw, "%s has no supported search parameter %q", typ, code)
 		}
+		// A type modifier on a reference (subject:Patient=x) is the same as
+		// the value Patient/x.
+		typeMod := ""
+		if p.Type == "reference" && R4().IsResourceType(mod) {
+			if len(p.Targets) > 0 && !slices.Contains(p.Targets, mod) {
+				return nil, kiln.Invalid(raw, "%s of %s cannot refer to a %s (targets: %s)", code, typ, mod, strings.Join(p.Targets, ", "))
+			}
+			typeMod, mod = mod, ""
+		}
 		if mod != "" && !slices.Contains(modifiersByType[p.Type], mod) {
 			return nil, kiln.Invalid(raw, "modifier :%s is not supported on %s parameter %s", mod, p.Type, code)
 		}
@@ -79,6 +88,12 @@ func ParseQuery(typ string, params url.Values, allowResult bool) (*Query, error)
 			for _, part := range splitValues(v) {
 				if err := checkValue(p, mod, part); err != nil {
 					return nil, kiln.Invalid(raw, "%s=%s: %v", raw, v, err)
+				}
+				if typeMod != "" {
+					if strings.Contains(part, "/") {
+						return nil, kiln.Invalid(raw, "%s=%s: with a type modifier, give the id alone", raw, v)
+					}
+					part = typeMod + "/" + part
 				}
 				c.Values = append(c.Values, part)
 			}

@@ -175,3 +175,23 @@ func TestParseQueryRejects(t *testing.T) {
 		t.Error("a _typeFilter without ? parsed")
 	}
 }
+
+func TestPatientLinked(t *testing.T) {
+	for _, c := range []struct {
+		typ, code string
+		want      bool
+	}{
+		{"Observation", "patient", true}, // subject.where(resolve() is Patient)
+		{"Observation", "subject", true}, // a compartment param itself
+		{"Observation", "performer", true},
+		{"Observation", "focus", false}, // references a patient without linking the compartment
+		{"Observation", "code", false},  // not a reference
+		{"Encounter", "patient", true},
+		{"Encounter", "location", false},
+		{"Organization", "partof", false}, // Organization is not in the compartment
+	} {
+		if got := PatientLinked(c.typ, LookupParam(c.typ, c.code)); got != c.want {
+			t.Errorf("PatientLinked(%s, %s) = %v, want %v", c.typ, c.code, got, c.want)
+		}
+	}
+}

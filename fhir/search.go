@@ -3,6 +3,7 @@ package fhir
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -287,4 +288,29 @@ func filterResourceType(v any, typ string) []any {
 		}
 	}
 	return out
+}
+
+// PatientLinked reports whether every element p reads on typ is one through
+// which the Patient CompartmentDefinition puts typ in a patient's
+// compartment. A resource that matches p with a reference to Patient/x is
+// then in x's compartment, so a store may narrow the search to that
+// compartment (its index) before p itself is evaluated.
+func PatientLinked(typ string, p *Param) bool {
+	if p == nil || p.Type != "reference" || len(p.paths) == 0 {
+		return false
+	}
+	linked := R4().compartmentPaths[typ]
+	for _, path := range p.paths {
+		var fields []string
+		for _, s := range path {
+			if s.ofType != "" || s.whereField != "" || s.refType != "" && s.refType != "Patient" {
+				return false
+			}
+			fields = append(fields, s.field)
+		}
+		if !slices.ContainsFunc(linked, func(l []string) bool { return slices.Equal(l, fields) }) {
+			return false
+		}
+	}
+	return true
 }

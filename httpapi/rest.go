@@ -362,6 +362,7 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sq := kiln.SearchQuery{Type: typ, Count: 500, AccessCodes: principal(r).AccessCodes()}
+	first := true
 	if v := vals.Get("_cursor"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 0 {
@@ -369,21 +370,27 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		sq.After = n
+		first = false
 	}
-	// _id without a modifier narrows the store query itself.
+	// _id without a modifier narrows the store query itself; so does a
+	// reference to patients through an element that links the Patient
+	// compartment (its index), the clause still checked on each resource.
 	var rest []fhir.Clause
 	for _, c := range query.Clauses {
 		if c.Code == "_id" && c.Modifier == "" && sq.IDs == nil {
 			sq.IDs = c.Values
 			continue
 		}
+		if ids, ok := patientsOf(typ, c); ok && sq.Patients == nil {
+			sq.Patients = ids
+		}
 		rest = append(rest, c)
 	}
 	query.Clauses = rest
+	sq.Total = len(query.Clauses) == 0 && first
 	var matches []kiln.Resource
 	var next int64
 	matched, total := 0, -1
-	first := sq.After == 0
 scan:
 	for {
 		page, err := s.store.Search(r.Context(), sq)
@@ -391,8 +398,9 @@ scan:
 			s.writeError(w, r, err)
 			return
 		}
-		if len(query.Clauses) == 0 && first {
+		if sq.Total {
 			total = page.Total // nothing to evaluate: the store counted
+			sq.Total = false
 		}
 		for _, res := range page.Resources {
 			ok, err := query.MatchJSON(res.Body)
@@ -442,6 +450,26 @@ scan:
 	buf.WriteString("]}")
 	w.Header().Set("Content-Type", fhirJSON)
 	w.Write(buf.Bytes())
+}
+
+// patientsOf returns the patient ids a clause references when the store's
+// compartment index can narrow it: a reference parameter without modifier
+// that links typ to the Patient compartment, every value naming a Patient
+// (Patient/x, or x when the parameter targets only Patient).
+func patientsOf(typ string, c fhir.Clause) ([]string, bool) {
+	if c.Modifier != "" || !fhir.PatientLinked(typ, c.Param) || len(c.Values) == 0 {
+		return nil, false
+	}
+	onlyPatient := len(c.Param.Targets) == 1 && c.Param.Targets[0] == "Patient"
+	ids := make([]string, 0, len(c.Values))
+	for _, v := range c.Values {
+		id, hasType := strings.CutPrefix(v, "Patient/")
+		if id == "" || strings.ContainsAny(id, "/:|") || !hasType && !onlyPatient {
+			return nil, false
+		}
+		ids = append(ids, id)
+	}
+	return ids, true
 }
 
 func cloneValues(v url.Values) url.Values {

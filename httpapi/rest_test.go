@@ -3,6 +3,7 @@ package httpapi_test
 import (
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 
@@ -200,6 +201,58 @@ func TestSearchPaging(t *testing.T) {
 	for _, p := range []string{"/healthz", "/readyz"} {
 		if r := e.do("GET", root+p, nil); r.StatusCode != 200 {
 			t.Fatalf("%s: %d", p, r.StatusCode)
+		}
+	}
+}
+
+// TestSearchByPatient: patient-linked reference searches are narrowed by the
+// compartment index and still evaluated exactly.
+func TestSearchByPatient(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	put := func(path, body string) {
+		if r := e.do("PUT", path, []byte(body), "Content-Type", "application/fhir+json"); r.StatusCode >= 300 {
+			t.Fatalf("PUT %s: %d", path, r.StatusCode)
+		}
+	}
+	put("/Patient/p1", `{"resourceType":"Patient"}`)
+	put("/Patient/p2", `{"resourceType":"Patient"}`)
+	put("/Group/p1", `{"resourceType":"Group","type":"person","actual":true}`)
+	obs := func(id, field, ref string) {
+		put("/Observation/"+id, fmt.Sprintf(`{"resourceType":"Observation","status":"final","code":{"text":"x"},%q:%s}`, field, ref))
+	}
+	obs("o1", "subject", `{"reference":"Patient/p1"}`)
+	obs("o2", "subject", `{"reference":"Patient/p2"}`)
+	obs("o3", "performer", `[{"reference":"Patient/p1"}]`) // in p1's compartment, not its subject
+	obs("o4", "subject", `{"reference":"Group/p1"}`)
+	for q, want := range map[string]string{
+		"patient=p1":                         "o1",
+		"patient=Patient/p1,Patient/p2":      "o1,o2",
+		"subject=p1":                         "o1,o4", // any type with id p1
+		"subject:Patient=p1":                 "o1",
+		"subject:Group=p1":                   "o4",
+		"performer=Patient/p1":               "o3",
+		"patient=p1&_id=o1,o2":               "o1",
+		"patient=nobody":                     "",
+		"patient=p1&code:text=nothing-named": "",
+	} {
+		b := e.do("GET", "/Observation?"+q, nil).json(t)
+		var ids []string
+		entries, _ := b["entry"].([]any)
+		for _, en := range entries {
+			ids = append(ids, en.(map[string]any)["resource"].(map[string]any)["id"].(string))
+		}
+		slices.Sort(ids)
+		if got := strings.Join(ids, ","); got != want {
+			t.Errorf("Observation?%s: %q, want %q", q, got, want)
+		}
+		if total, ok := b["total"].(float64); ok && int(total) != len(ids) {
+			t.Errorf("Observation?%s: total %v for %d entries", q, total, len(ids))
+		}
+	}
+	for _, q := range []string{"patient:Group=p1", "subject:Patient=Patient/p1"} {
+		name, _, _ := strings.Cut(q, "=")
+		if r := e.do("GET", "/Observation?"+q, nil); r.StatusCode != 400 || !strings.Contains(string(r.body), `"expression":["`+name+`"]`) {
+			t.Errorf("Observation?%s: %d %s", q, r.StatusCode, r.body)
 		}
 	}
 }

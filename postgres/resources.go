@@ -366,10 +366,15 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 	if q.AccessCodes != nil {
 		where = append(where, "EXISTS (SELECT 1 FROM access a WHERE a.rid = resources.rid AND a.code = ANY("+arg(q.AccessCodes)+"::text[]))")
 	}
+	if q.Patients != nil {
+		where = append(where, "rid IN (SELECT rid FROM compartment WHERE type=$1 AND patient = ANY("+arg(q.Patients)+"::text[]))")
+	}
 	cond := strings.Join(where, " AND ")
 	page := &kiln.SearchPage{}
-	if err := db.pool.QueryRow(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {
-		return nil, fmt.Errorf("postgres: search %s: %w", q.Type, err)
+	if q.Total {
+		if err := db.pool.QueryRow(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {
+			return nil, fmt.Errorf("postgres: search %s: %w", q.Type, err)
+		}
 	}
 	count := q.Count
 	if count <= 0 {

@@ -399,10 +399,19 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 		where = append(where, strings.TrimPrefix(acc, " AND "))
 		args = append(args, accArgs...)
 	}
+	if q.Patients != nil {
+		where = append(where, "rid IN (SELECT rid FROM compartment WHERE type=? AND patient IN ("+placeholders(len(q.Patients))+"))")
+		args = append(args, q.Type)
+		for _, p := range q.Patients {
+			args = append(args, p)
+		}
+	}
 	page := &kiln.SearchPage{}
 	cond := strings.Join(where, " AND ")
-	if err := db.read.QueryRowContext(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {
-		return nil, fmt.Errorf("search %s: %w", q.Type, err)
+	if q.Total {
+		if err := db.read.QueryRowContext(ctx, `SELECT count(*) FROM resources WHERE `+cond, args...).Scan(&page.Total); err != nil {
+			return nil, fmt.Errorf("search %s: %w", q.Type, err)
+		}
 	}
 	count := q.Count
 	if count <= 0 {

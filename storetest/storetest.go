@@ -266,11 +266,11 @@ func testSearch(t *testing.T, s Store) {
 		ws = append(ws, Put(t, fmt.Sprintf(`{"resourceType":"Patient","id":"s%d","identifier":[{"system":"urn:mrn","value":"m%d"}]}`, i, i%2)))
 	}
 	write(t, s, ws...)
-	page, err := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"urn:mrn|m1"}})
+	page, err := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"urn:mrn|m1"}, Total: true})
 	if err != nil || page.Total != 3 || len(page.Resources) != 3 {
 		t.Fatalf("identifier search: %v %+v", err, page)
 	}
-	if page, _ := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"other|m1"}}); page.Total != 0 {
+	if page, _ := s.Search(ctx, kiln.SearchQuery{Type: "Patient", Identifier: []string{"other|m1"}, Total: true}); page.Total != 0 || len(page.Resources) != 0 {
 		t.Fatalf("identifier with another system matched %d", page.Total)
 	}
 	var ids []string
@@ -290,6 +290,20 @@ func testSearch(t *testing.T, s Store) {
 	}
 	if len(ids) != 7 {
 		t.Fatalf("paging returned %v", ids)
+	}
+
+	// Patients narrows to the compartment index: s1's Observations only.
+	write(t, s, Put(t, observation("so-1", "s1")), Put(t, observation("so-2", "s1")), Put(t, observation("so-3", "s2")))
+	page, err = s.Search(ctx, kiln.SearchQuery{Type: "Observation", Patients: []string{"s1"}, Total: true})
+	if err != nil || page.Total != 2 || len(page.Resources) != 2 {
+		t.Fatalf("compartment search: %v %+v", err, page)
+	}
+	page, _ = s.Search(ctx, kiln.SearchQuery{Type: "Observation", Patients: []string{"s1", "s2"}, Count: 10})
+	if len(page.Resources) != 3 {
+		t.Fatalf("compartment search of two patients: %d resources", len(page.Resources))
+	}
+	if page, _ := s.Search(ctx, kiln.SearchQuery{Type: "Observation", Patients: []string{"nobody"}}); len(page.Resources) != 0 {
+		t.Fatalf("compartment of nobody: %d resources", len(page.Resources))
 	}
 }
 
