@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"compress/gzip"
 	"encoding/json"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/kiln-fhir/kiln"
 )
 
 // seedLines adds the first lines of each Synthea type as fuzz seeds.
@@ -71,5 +74,34 @@ func FuzzParseDateTime(f *testing.F) {
 		if err == nil && !end.After(start) {
 			t.Fatalf("%q: empty period [%v, %v)", s, start, end)
 		}
+	})
+}
+
+// FuzzParseQuery: search and _typeFilter parsing never panic and refuse bad
+// input with EINVALID; what parses can be evaluated on a resource.
+func FuzzParseQuery(f *testing.F) {
+	f.Add("Observation", "code=http://loinc.org|8867-4&date=ge2020-01&value-quantity=lt5||mg")
+	f.Add("Observation", "patient=Patient/1,2&subject:Patient=3&_lastUpdated=gt2024-01-01T00:00:00Z")
+	f.Add("Condition", "clinical-status:not=resolved&code:text=diab&onset-date=ap2019")
+	f.Add("Patient", "name:contains=an&birthdate=sa1990&gender:missing=false&_id=a\\,b")
+	f.Add("Observation?category=laboratory", "")
+	f.Fuzz(func(t *testing.T, typ, query string) {
+		res := map[string]any{}
+		if err := json.Unmarshal([]byte(`{"resourceType":"Observation","id":"o","status":"final","subject":{"reference":"Patient/1"},"code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"valueQuantity":{"value":4,"unit":"mg","system":"http://unitsofmeasure.org","code":"mg"},"effectiveDateTime":"2020-02-01"}`), &res); err != nil {
+			t.Fatal(err)
+		}
+		check := func(q *Query, err error) {
+			if err != nil {
+				if c := kiln.ErrorCode(err); c != kiln.EINVALID {
+					t.Fatalf("error code %s for a bad query: %v", c, err)
+				}
+				return
+			}
+			q.Match(res)
+		}
+		if vals, err := url.ParseQuery(query); err == nil && R4().IsResourceType(typ) {
+			check(ParseQuery(typ, vals, false))
+		}
+		check(ParseTypeFilter(typ + query))
 	})
 }

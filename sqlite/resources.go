@@ -400,6 +400,8 @@ func (db *DB) Search(ctx context.Context, q kiln.SearchQuery) (*kiln.SearchPage,
 		args = append(args, accArgs...)
 	}
 	if q.Patients != nil {
+		// "+type": the compartment's few rows lead, not a scan of the type's index.
+		where[0] = "+type=?"
 		where = append(where, "rid IN (SELECT rid FROM compartment WHERE type=? AND patient IN ("+placeholders(len(q.Patients))+"))")
 		args = append(args, q.Type)
 		for _, p := range q.Patients {
