@@ -339,9 +339,11 @@ func TestDiskFullDuringExport(t *testing.T) {
 		t.Errorf("the failed export's folder is still there: %v", err)
 	}
 	// The store's log may keep a little; the export's megabytes are back.
-	if after := freeBytes(t, data); after < before-before/10 {
+	after := freeBytes(t, data)
+	if after < before-before/10 {
 		t.Errorf("free space %d bytes after the failed export, %d before it", after, before)
 	}
+	t.Logf("tmpfs of %.1f MB: %.1f MB free before the export, %.1f MB after it failed: %s", float64(size)/1e6, float64(before)/1e6, float64(after)/1e6, m.Outcome)
 	small := k.kickOff("/$export?_type=Patient")
 	code, m = awaitExport(t, small, time.Minute)
 	if code != 200 {
