@@ -134,7 +134,8 @@ func (k *kilnProc) kickOff(path string) string {
 }
 
 type manifest struct {
-	Output []struct {
+	RequiresAccessToken bool
+	Output              []struct {
 		Type, URL string
 		Count     int
 	}
@@ -378,4 +379,87 @@ func freeBytes(t *testing.T, dir string) int64 {
 		t.Fatal(err)
 	}
 	return int64(st.Bavail) * st.Bsize
+}
+
+// TestSigtermDrainAndSlowClients: a client that sends its headers slowly is
+// cut off after --read-header-timeout (the slowloris guard) while others are
+// served; SIGTERM during an export makes kiln serve exit 0 within
+// --shutdown-grace, handing its running units back, and after a restart the
+// export completes with every resource exactly once.
+func TestSigtermDrainAndSlowClients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("fault test")
+	}
+	bin := buildKiln(t)
+	dir := t.TempDir()
+	data, gen := filepath.Join(dir, "data"), filepath.Join(dir, "gen")
+	if _, err := synth.Generate(context.Background(), gen, synth.Options{Patients: 150, Seed: 21}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "2000", "--read-header-timeout", "1s", "--shutdown-grace", "5s", "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+
+	slow, err := net.Dial("tcp", k.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	start := time.Now()
+	fmt.Fprint(slow, "GET /4_0_0/metadata HTTP/1.1\r\nHost: x\r\n")
+	go func() {
+		// One header byte every 200 ms, never the blank line that ends them.
+		for range 50 {
+			time.Sleep(200 * time.Millisecond)
+			if _, err := slow.Write([]byte("X")); err != nil {
+				return
+			}
+		}
+	}()
+	if res, err := http.Get(k.base() + "/metadata"); err != nil || res.StatusCode != 200 {
+		t.Fatalf("a normal client beside the slow one: %v %v", res, err)
+	}
+	slow.SetReadDeadline(time.Now().Add(8 * time.Second))
+	io.Copy(io.Discard, slow) // returns when the server closes the connection
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("a client sending headers slowly was kept %s (read-header-timeout 1s)", d)
+	}
+
+	// Small units and fetches, so that SIGTERM finds it running.
+	loc := k.kickOff("/Patient/$export?patientReferenceBatchSize=2&fetchResourceBatchSize=10")
+	for {
+		res, err := http.Get(loc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != 202 {
+			t.Fatalf("the export should still be running when SIGTERM comes: %d", res.StatusCode)
+		}
+		if p := res.Header.Get("X-Progress"); strings.HasPrefix(p, "in-progress") {
+			t.Logf("SIGTERM at X-Progress %q", p)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	k.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- k.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("kiln serve after SIGTERM: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("kiln serve did not stop within its shutdown grace after SIGTERM")
+	}
+	k.start()
+	code, m := awaitExport(t, loc, 2*time.Minute)
+	if code != 200 {
+		t.Fatalf("export after SIGTERM and restart: %d %s", code, m.Outcome)
+	}
+	checkExport(t, loc, m, countLines(t, gen))
 }

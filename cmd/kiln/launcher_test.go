@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -126,27 +125,9 @@ func TestLaunchedWorkerEndToEnd(t *testing.T) {
 		t.Fatalf("kick-off: %d", res.StatusCode)
 	}
 	loc := res.Header.Get("Content-Location")
-	var m struct {
-		RequiresAccessToken bool
-		Output              []struct {
-			Type, URL string
-			Count     int
-		}
-	}
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
-		res, err := http.Get(loc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if res.StatusCode == 200 {
-			json.NewDecoder(res.Body).Decode(&m)
-			res.Body.Close()
-			break
-		}
-		res.Body.Close()
-		if res.StatusCode != 202 || time.Now().After(deadline) {
-			t.Fatalf("status %d", res.StatusCode)
-		}
+	code, m := awaitExport(t, loc, time.Minute)
+	if code != 200 {
+		t.Fatalf("status %d %s", code, m.Outcome)
 	}
 	n := 0
 	for _, o := range m.Output {
