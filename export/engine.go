@@ -226,10 +226,42 @@ func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.Expo
 	if err != nil {
 		return nil, err
 	}
+	if req.LimitTenants {
+		// Another tenant's patient "does not exist" either: the answer must
+		// not tell a caller which ids are in use elsewhere.
+		if found, err = s.visible(ctx, "Patient", found, req.Tenants); err != nil {
+			return nil, err
+		}
+	}
 	if missing := minus(ids, found); len(missing) > 0 {
 		return nil, kiln.Invalid("patient", "patient %s does not exist", refs("Patient", missing))
 	}
 	return found, nil
+}
+
+// visible keeps the ids of typ whose current version carries one of the
+// tenants' access codes.
+func (s *Service) visible(ctx context.Context, typ string, ids, tenants []string) ([]string, error) {
+	var out []string
+	for start := 0; start < len(ids); start += 500 {
+		chunk := ids[start:min(start+500, len(ids))]
+		q := kiln.SearchQuery{Type: typ, IDs: chunk, AccessCodes: tenants, Count: len(chunk)}
+		for {
+			page, err := s.store.Search(ctx, q)
+			if err != nil {
+				return nil, err
+			}
+			for _, r := range page.Resources {
+				out = append(out, r.ID)
+			}
+			if page.Next == 0 {
+				break
+			}
+			q.After = page.Next
+		}
+	}
+	slices.Sort(out)
+	return out, nil
 }
 
 func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.ExportRequest) ([]string, error) {

@@ -262,6 +262,19 @@ func TestTenantIsolation(t *testing.T) {
 	if res := r.do("GET", "/"+bPatient, nil, bearer(a)...); res.StatusCode != 404 {
 		t.Errorf("A reads B's %s: %d", bPatient, res.StatusCode)
 	}
+	// Naming B's patient at kick-off gets the answer a made-up id gets: the
+	// id's use by another tenant does not show.
+	for _, p := range []string{bPatient, "Patient/no-such-patient"} {
+		res := r.do("GET", "/Patient/$export?patient="+p, nil, bearer(a)...)
+		if res.StatusCode != 400 || !strings.Contains(string(res.body), p+" does not exist") {
+			t.Errorf("A exports %s: %d %s", p, res.StatusCode, res.body)
+		}
+	}
+	if res := r.do("GET", "/Patient/$export?patient="+bPatient, nil, bearer(b)...); res.StatusCode != 202 {
+		t.Errorf("B exports its own %s: %d %s", bPatient, res.StatusCode, res.body)
+	} else {
+		r.do("DELETE", res.Header.Get("Content-Location"), nil, bearer(b)...)
+	}
 	if res := r.do("GET", "/"+bPatient+"/_history", nil, bearer(a)...); res.StatusCode != 404 {
 		t.Errorf("A reads B's history: %d", res.StatusCode)
 	}
