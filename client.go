@@ -23,4 +23,8 @@ type ClientStore interface {
 	GetClient(ctx context.Context, id string) (*Client, error)
 	Clients(ctx context.Context) ([]*Client, error)
 	DeleteClient(ctx context.Context, id string) error
+	// UseAssertion records the key of a client assertion (client id and jti)
+	// until expires, and reports false when it was recorded before: a replay.
+	// Kept in the store, so that every API server sharing it refuses the replay.
+	UseAssertion(ctx context.Context, key string, expires time.Time) (bool, error)
 }

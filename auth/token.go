@@ -3,6 +3,7 @@ package auth
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -42,8 +43,7 @@ type TokenServer struct {
 	URL string
 	Now func() time.Time
 
-	mu   sync.Mutex
-	jtis map[string]time.Time // assertion jti → its exp
+	mu sync.Mutex
 	// remote caches client JWKS fetched from URLs.
 	remote map[string]*remoteKeys
 }
@@ -183,30 +183,17 @@ func (s *TokenServer) verifyAssertion(ctx context.Context, assertion string) (*k
 	if checked.ID == "" {
 		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion has no jti")
 	}
-	if !s.remember(client.ID+"\x00"+checked.ID, checked.ExpiresAt.Time) {
+	// Kept past exp by more than the leeway, so that no replay lands after
+	// the record is gone but while the assertion still passes.
+	used := sha256.Sum256([]byte(client.ID + "\x00" + checked.ID)) // one key per client and jti, any characters
+	fresh, err := s.Clients.UseAssertion(ctx, hex.EncodeToString(used[:]), checked.ExpiresAt.Time.Add(time.Minute))
+	if err != nil {
+		return nil, fmt.Errorf("record client assertion: %w", err)
+	}
+	if !fresh {
 		return nil, tokenErr(http.StatusUnauthorized, "invalid_grant", "client_assertion jti was already used")
 	}
 	return client, nil
-}
-
-// remember records a jti until its assertion expires; false if it was seen.
-func (s *TokenServer) remember(jti string, exp time.Time) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.jtis == nil {
-		s.jtis = map[string]time.Time{}
-	}
-	now := s.now()
-	for k, e := range s.jtis {
-		if now.After(e.Add(time.Minute)) {
-			delete(s.jtis, k)
-		}
-	}
-	if _, seen := s.jtis[jti]; seen {
-		return false
-	}
-	s.jtis[jti] = exp
-	return true
 }
 
 func (s *TokenServer) clientKey(ctx context.Context, c *kiln.Client, kid string) (*jose.JSONWebKey, error) {

@@ -10,6 +10,7 @@ import (
 	"crypto/rsa"
 	"encoding/json"
 	"fmt"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -458,5 +459,25 @@ func TestBackendServices(t *testing.T) {
 		if res.StatusCode != c.status || body.Error != c.code {
 			t.Errorf("%s: %d %s, want %d %s", c.name, res.StatusCode, res.body, c.status, c.code)
 		}
+	}
+	// A second API server on the same store (as behind a load balancer)
+	// refuses an assertion the first one took, and the other way round.
+	second := &auth.TokenServer{Verifier: r.verifier, Clients: r.db.(kiln.ClientStore), URL: tokenURL}
+	viaSecond := func(a string) int {
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequest("POST", tokenURL, strings.NewReader(form(a, "").Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		second.ServeHTTP(rec, req)
+		return rec.Code
+	}
+	if code := viaSecond(first); code != 401 {
+		t.Errorf("an assertion used on one server, replayed on another: %d", code)
+	}
+	fresh := assertion(claims("jti-other-server"), ck, jwt.SigningMethodES384, "c1")
+	if code := viaSecond(fresh); code != 200 {
+		t.Errorf("a fresh assertion on the second server: %d", code)
+	}
+	if res := post(form(fresh, "")); res.StatusCode != 401 {
+		t.Errorf("replayed on the first server after the second took it: %d", res.StatusCode)
 	}
 }

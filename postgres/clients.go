@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -61,3 +62,15 @@ func (db *DB) DeleteClient(ctx context.Context, id string) error {
 }
 
 var _ kiln.ClientStore = (*DB)(nil)
+
+// UseAssertion implements kiln.ClientStore.
+func (db *DB) UseAssertion(ctx context.Context, key string, expires time.Time) (bool, error) {
+	if _, err := db.pool.Exec(ctx, `DELETE FROM assertions WHERE expires < $1`, time.Now().UnixMilli()); err != nil {
+		return false, fmt.Errorf("postgres: prune used assertions: %w", err)
+	}
+	tag, err := db.pool.Exec(ctx, `INSERT INTO assertions(key, expires) VALUES($1, $2) ON CONFLICT(key) DO NOTHING`, key, expires.UnixMilli())
+	if err != nil {
+		return false, fmt.Errorf("postgres: record assertion: %w", err)
+	}
+	return tag.RowsAffected() == 1, nil
+}

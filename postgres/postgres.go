@@ -114,6 +114,8 @@ var migrations = []string{
 	CREATE TABLE clock(one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), floor BIGINT NOT NULL);
 	INSERT INTO clock(floor) VALUES (0);`,
 	`CREATE TABLE clients(id TEXT PRIMARY KEY, doc JSONB NOT NULL);`,
+	// Client assertions already used, until they expire (replay protection).
+	`CREATE TABLE assertions(key TEXT PRIMARY KEY, expires BIGINT NOT NULL);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

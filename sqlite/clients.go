@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/kiln-fhir/kiln"
 )
@@ -72,3 +73,16 @@ func (db *DB) DeleteClient(ctx context.Context, id string) error {
 }
 
 var _ kiln.ClientStore = (*DB)(nil)
+
+// UseAssertion implements kiln.ClientStore.
+func (db *DB) UseAssertion(ctx context.Context, key string, expires time.Time) (bool, error) {
+	if _, err := db.exec(ctx, `DELETE FROM assertions WHERE expires < ?`, ms(db.now())); err != nil {
+		return false, fmt.Errorf("prune used assertions: %w", err)
+	}
+	res, err := db.exec(ctx, `INSERT INTO assertions(key, expires) VALUES(?, ?) ON CONFLICT(key) DO NOTHING`, key, ms(expires))
+	if err != nil {
+		return false, fmt.Errorf("record assertion: %w", err)
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
+}

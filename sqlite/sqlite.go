@@ -88,6 +88,8 @@ var schema = []string{
 	`CREATE INDEX IF NOT EXISTS job_patients_patient ON job_patients(job, patient)`,
 	`CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
 	`CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, doc BLOB NOT NULL)`,
+	// Client assertions already used, until they expire (replay protection).
+	`CREATE TABLE IF NOT EXISTS assertions(key TEXT PRIMARY KEY, expires INTEGER NOT NULL)`,
 	`CREATE TABLE IF NOT EXISTS outbox(
 		seq INTEGER PRIMARY KEY AUTOINCREMENT,
 		topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, headers BLOB)`,

@@ -21,6 +21,7 @@ type Store interface {
 	kiln.ResourceStore
 	kiln.ExportReader
 	kiln.JobStore
+	kiln.ClientStore
 }
 
 // Run runs the contract against stores made by open; each subtest gets a new, empty one.
@@ -42,6 +43,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"SplitTypeCoversAll", testSplit},
 		{"DeletionsInWindow", testDeletions},
 		{"JobUnitsClaimedOnce", testUnits},
+		{"AssertionsUsedOnce", testAssertions},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
@@ -530,5 +532,29 @@ func testUnits(t *testing.T, s Store) {
 	}
 	if _, err := s.GetJob(ctx, "j1"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
 		t.Fatalf("deleted job: %v", err)
+	}
+}
+
+// testAssertions: a client assertion key is fresh once; a replay is refused
+// until the record expires; records are kept per key.
+func testAssertions(t *testing.T, s Store) {
+	ctx := context.Background()
+	later := time.Now().Add(5 * time.Minute)
+	for i, c := range []struct {
+		key     string
+		expires time.Time
+		fresh   bool
+	}{
+		{"c1 j1", later, true},
+		{"c1 j1", later, false}, // the replay
+		{"c2 j1", later, true},  // the same jti of another client
+		{"c1 old", time.Now().Add(-time.Minute), true},
+		{"c1 old", later, true}, // its record had expired
+		{"c1 j1", later, false},
+	} {
+		fresh, err := s.UseAssertion(ctx, c.key, c.expires)
+		if err != nil || fresh != c.fresh {
+			t.Fatalf("use %d (%q): fresh %v %v, want %v", i+1, c.key, fresh, err, c.fresh)
+		}
 	}
 }
