@@ -48,6 +48,11 @@ type ExportRequest struct {
 	// TypeFilters holds the _typeFilter queries per type ("category=laboratory");
 	// several for one type are ORed.
 	TypeFilters map[string][]string `json:"typeFilters,omitempty"`
+	// ScopeFilters holds, per type, the query filters of the token's SMART v2
+	// scopes: a resource of the type is exported only when it matches one of
+	// them (and one of its TypeFilters, if any). Deletions of such types are
+	// not reported: a tombstone cannot be matched.
+	ScopeFilters map[string][]string `json:"scopeFilters,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
 	Elements              []string `json:"elements,omitempty"`
 	OutputFormat          string   `json:"outputFormat"`

@@ -4,10 +4,14 @@
 package auth
 
 import (
+	"bytes"
+	"encoding/json"
+	"maps"
 	"slices"
 	"strings"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
 )
 
 // Principal is who a request acts for and what it may touch.
@@ -26,6 +30,15 @@ type Principal struct {
 	Access, AccessWrite []string
 	// HasAccessScope is false when the token carries no access/ scope at all.
 	HasAccessScope bool
+	// filters holds, per type readable only through SMART v2 query-filtered
+	// scopes (system/Observation.rs?category=laboratory), those filters: a
+	// resource of the type is readable when it matches one of them.
+	filters map[string][]scopeFilter
+}
+
+type scopeFilter struct {
+	raw string
+	q   *fhir.Query
 }
 
 // Anonymous is the principal when authentication is off: it may do everything.
@@ -35,8 +48,12 @@ func Anonymous() *Principal {
 
 // ParseScopes reads a space-separated scope string. Understood: SMART v1
 // (user/Observation.read, system/*.read, patient/*.write, user/*.*), SMART v2
-// (system/Observation.rs, .r, .s, .cruds, …), and access/<code>.read|.write|.*
-// (access/*.read: every tenant). Others (openid, launch, …) are kept but grant nothing.
+// (system/Observation.rs, .r, .s, .cruds, …), SMART v2 query filters on
+// reads (system/Observation.rs?category=laboratory: only matching
+// Observations; several filters for a type are ORed, and an unfiltered read
+// scope for the type wins), and access/<code>.read|.write|.* (access/*.read:
+// every tenant). A filter on writes or on *, or one Kiln cannot evaluate,
+// grants nothing. Others (openid, launch, …) are kept but grant nothing.
 func ParseScopes(name, scope string) *Principal {
 	p := &Principal{Name: name, Read: map[string]bool{}, Write: map[string]bool{}}
 	for _, s := range strings.Fields(scope) {
@@ -49,8 +66,22 @@ func ParseScopes(name, scope string) *Principal {
 		if !ok {
 			continue
 		}
-		// SMART v2 query filters (system/Observation.rs?category=…) are not honoured: such a scope grants nothing.
-		if strings.Contains(perm, "?") {
+		if perm, query, filtered := strings.Cut(perm, "?"); filtered {
+			read, write := perms(perm)
+			if !read || write || target == "*" || ctx == "access" {
+				continue
+			}
+			q, err := fhir.ParseTypeFilter(target + "?" + query)
+			if err != nil {
+				continue
+			}
+			if ctx == "patient" {
+				p.Patient = true
+			}
+			if p.filters == nil {
+				p.filters = map[string][]scopeFilter{}
+			}
+			p.filters[target] = append(p.filters[target], scopeFilter{raw: query, q: q})
 			continue
 		}
 		read, write := perms(perm)
@@ -78,6 +109,11 @@ func ParseScopes(name, scope string) *Principal {
 			}
 		}
 	}
+	for typ := range p.filters {
+		if p.Read["*"] || p.Read[typ] {
+			delete(p.filters, typ) // an unfiltered scope already grants the whole type
+		}
+	}
 	return p
 }
 
@@ -97,8 +133,47 @@ func perms(p string) (read, write bool) {
 	return strings.ContainsAny(p, "rs"), strings.ContainsAny(p, "cud")
 }
 
-// CanRead reports whether resources of typ may be read.
-func (p *Principal) CanRead(typ string) bool { return p.Read["*"] || p.Read[typ] }
+// CanRead reports whether resources of typ may be read (some of them, when
+// the type has Filters).
+func (p *Principal) CanRead(typ string) bool {
+	return p.Read["*"] || p.Read[typ] || len(p.filters[typ]) > 0
+}
+
+// Filters returns the queries of the filtered scopes that limit reads of typ
+// (Type?query without "Type?"), or nil when typ is readable unfiltered.
+func (p *Principal) Filters(typ string) []string {
+	var out []string
+	for _, f := range p.filters[typ] {
+		out = append(out, f.raw)
+	}
+	return out
+}
+
+// FilteredTypes lists the types readable only through filtered scopes, sorted.
+func (p *Principal) FilteredTypes() []string {
+	return slices.Sorted(maps.Keys(p.filters))
+}
+
+// Matches reports whether a stored resource of typ passes the principal's
+// scope filters for typ (always, when typ has none).
+func (p *Principal) Matches(typ string, body []byte) bool {
+	fs := p.filters[typ]
+	if len(fs) == 0 {
+		return true
+	}
+	var m map[string]any
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	if dec.Decode(&m) != nil {
+		return false
+	}
+	for _, f := range fs {
+		if f.q.Match(m) {
+			return true
+		}
+	}
+	return false
+}
 
 // CanWrite reports whether resources of typ may be written.
 func (p *Principal) CanWrite(typ string) bool { return p.Write["*"] || p.Write[typ] }
@@ -147,7 +222,7 @@ func (p *Principal) ReadTypes(all []string) []string {
 	}
 	out := []string{}
 	for _, t := range all {
-		if p.Read[t] {
+		if p.CanRead(t) {
 			out = append(out, t)
 		}
 	}

@@ -19,7 +19,11 @@ func TestParseScopes(t *testing.T) {
 		{scope: "system/Observation.s", read: []string{"Observation"}},
 		{scope: "system/Observation.c", write: []string{"Observation"}, notRead: []string{"Observation"}},
 		{scope: "patient/*.read", read: []string{"Patient"}, patient: true},
-		{scope: "system/Observation.rs?category=laboratory openid launch", notRead: []string{"Observation"}},
+		{scope: "system/Observation.rs?category=laboratory openid launch", read: []string{"Observation"}, notRead: []string{"Patient"}},
+		{scope: "system/Observation.cud?category=laboratory", notRead: []string{"Observation"}}, // filtered writes grant nothing
+		{scope: "system/*.rs?_security=x", notRead: []string{"Observation"}},                    // nor filters on *
+		{scope: "system/Observation.rs?no-such-param=1", notRead: []string{"Observation"}},      // nor filters Kiln cannot evaluate
+		{scope: "system/Observation.rs?category=laboratory&category=vital-signs", read: []string{"Observation"}},
 		{scope: "system/Observation.xyz", notRead: []string{"Observation"}},
 	}
 	for _, c := range cases {
@@ -58,5 +62,28 @@ func TestParseScopes(t *testing.T) {
 	}
 	if ParseScopes("u", "access/*.read").AccessCodes() != nil {
 		t.Error("access/*.read must mean every tenant")
+	}
+}
+
+func TestScopeFilters(t *testing.T) {
+	lab := []byte(`{"resourceType":"Observation","id":"1","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"text":"x"}}`)
+	vital := []byte(`{"resourceType":"Observation","id":"2","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],"code":{"text":"x"}}`)
+	p := ParseScopes("u", "system/Observation.rs?category=laboratory system/Observation.rs?status=amended system/Patient.rs")
+	if !p.Matches("Observation", lab) || p.Matches("Observation", vital) || !p.Matches("Patient", vital) {
+		t.Error("a filtered scope does not select by its query")
+	}
+	if got := p.Filters("Observation"); len(got) != 2 || got[0] != "category=laboratory" || got[1] != "status=amended" {
+		t.Errorf("filters %v", got)
+	}
+	if p.Filters("Patient") != nil || len(p.FilteredTypes()) != 1 {
+		t.Errorf("unfiltered Patient has filters %v; filtered types %v", p.Filters("Patient"), p.FilteredTypes())
+	}
+	// An unfiltered read scope for the type wins over its filtered ones.
+	p = ParseScopes("u", "system/Observation.rs?category=laboratory system/Observation.read")
+	if !p.Matches("Observation", vital) || p.Filters("Observation") != nil {
+		t.Error("an unfiltered scope does not lift the filter")
+	}
+	if p := ParseScopes("u", "system/Observation.rs?category=laboratory"); p.Matches("Observation", []byte("not json")) {
+		t.Error("an undecodable body matches a filter")
 	}
 }

@@ -33,11 +33,18 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		if err != nil {
 			return err
 		}
+		scoped, err := compileFilters(q.Type, req.ScopeFilters[q.Type])
+		if err != nil {
+			return err
+		}
 		defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
 		return s.store.Scan(ctx, q, func(body []byte) error {
-			if filters != nil {
-				// Only filtered types are decoded; the rest stream as stored bytes.
-				ok, err := matchAny(filters, body)
+			// Only filtered types are decoded; the rest stream as stored bytes.
+			for _, fs := range [][]*fhir.Query{filters, scoped} {
+				if fs == nil {
+					continue
+				}
+				ok, err := matchAny(fs, body)
 				if err != nil {
 					return err
 				}
@@ -81,6 +88,9 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 			scope = job.ID
 		}
 		err = s.store.Deletions(ctx, u.Types, *req.Since, until, scope, q.AccessCodes, func(d kiln.Deleted) error {
+			if req.ScopeFilters[d.Type] != nil {
+				return nil // the token sees only some of the type: a tombstone cannot show which
+			}
 			return w.write("deleted", "Bundle", deletedBundle(d))
 		})
 	case kiln.UnitErrors:

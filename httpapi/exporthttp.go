@@ -138,12 +138,20 @@ func (s *Server) forgetPolls(job string) {
 
 // applyScopes narrows an export to what the token may read: types outside
 // its scopes become error-file lines and export nothing (Helix's behaviour);
-// records are limited to its access/ codes. The job keeps these for its whole run.
+// types under query-filtered scopes export only matching resources; records
+// are limited to its access/ codes. The job keeps these for its whole run.
 func applyScopes(p *auth.Principal, req *kiln.ExportRequest) {
 	if !p.Read["*"] {
 		req.LimitTypes = true
 		for t := range p.Read {
 			req.ReadTypes = append(req.ReadTypes, t)
+		}
+		for _, t := range p.FilteredTypes() {
+			req.ReadTypes = append(req.ReadTypes, t)
+			if req.ScopeFilters == nil {
+				req.ScopeFilters = map[string][]string{}
+			}
+			req.ScopeFilters[t] = p.Filters(t)
 		}
 		sort.Strings(req.ReadTypes)
 		kept := req.Types[:0:0]

@@ -178,7 +178,7 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.store.Read(r.Context(), typ, id)
-	if err == nil && !visible(principal(r), res.Body) {
+	if err == nil && !readable(principal(r), typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 	}
 	if err != nil {
@@ -207,7 +207,7 @@ func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.store.ReadVersion(r.Context(), typ, id, v)
-	if err == nil && !visible(principal(r), res.Body) {
+	if err == nil && !readable(principal(r), typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s has no version %d", typ, id, v)
 	}
 	if err != nil {
@@ -278,7 +278,7 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) {
 		// A record is visible by the tags of its newest version that has a body.
 		for _, v := range versions {
 			if !v.Deleted {
-				if !visible(principal(r), v.Body) {
+				if !readable(principal(r), typ, v.Body) {
 					err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 				}
 				break
@@ -387,7 +387,9 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 		rest = append(rest, c)
 	}
 	query.Clauses = rest
-	sq.Total = len(query.Clauses) == 0 && first
+	p := principal(r)
+	scoped := len(p.Filters(typ)) > 0
+	sq.Total = len(query.Clauses) == 0 && first && !scoped
 	var matches []kiln.Resource
 	var next int64
 	matched, total := 0, -1
@@ -408,7 +410,7 @@ scan:
 				s.writeError(w, r, err)
 				return
 			}
-			if !ok {
+			if !ok || scoped && !p.Matches(typ, res.Body) {
 				continue
 			}
 			matched++

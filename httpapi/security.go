@@ -95,6 +95,12 @@ func canRead(p *auth.Principal, typ string) error {
 	return nil
 }
 
+// readable reports whether p may read a stored resource of typ: its access
+// tags, and the query filters of p's scopes for typ.
+func readable(p *auth.Principal, typ string, body []byte) bool {
+	return visible(p, body) && p.Matches(typ, body)
+}
+
 // visible reports whether p may see a stored resource body (by its access tags).
 func visible(p *auth.Principal, body []byte) bool {
 	if p.AccessAll {

@@ -2,6 +2,7 @@ package httpapi_test
 
 import (
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"crypto/ecdsa"
@@ -479,5 +480,57 @@ func TestBackendServices(t *testing.T) {
 	}
 	if res := post(form(fresh, "")); res.StatusCode != 401 {
 		t.Errorf("replayed on the first server after the second took it: %d", res.StatusCode)
+	}
+}
+
+// TestScopeQueryFilters: a token with system/Observation.rs?category=laboratory
+// reads, searches and exports laboratory Observations only.
+func TestScopeQueryFilters(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	r.load(dataDir(t, "synthea-r4-10"))
+	all := r.token(t, "all", "system/*.read access/*.read")
+	lab := r.token(t, "lab", "system/Observation.rs?category=laboratory system/Patient.rs access/*.read")
+	total := func(tok, query string) int {
+		t.Helper()
+		b := r.do("GET", "/Observation?_total=accurate&_count=1&"+query, nil, bearer(tok)...).json(t)
+		n, ok := b["total"].(float64)
+		if !ok {
+			t.Fatalf("Observation?%s: no total in %v", query, b)
+		}
+		return int(n)
+	}
+	labCount, allCount := total(all, "category=laboratory"), total(all, "")
+	if labCount == 0 || labCount == allCount {
+		t.Fatalf("test data: %d laboratory Observations of %d", labCount, allCount)
+	}
+	if got := total(lab, ""); got != labCount {
+		t.Errorf("search with the filtered scope: %d Observations, %d are laboratory", got, labCount)
+	}
+	if got := total(lab, "category=vital-signs"); got != 0 {
+		t.Errorf("vital signs through a laboratory scope: %d", got)
+	}
+	firstID := func(query string) string {
+		b := r.do("GET", "/Observation?_count=1&"+query, nil, bearer(all)...).json(t)
+		return b["entry"].([]any)[0].(map[string]any)["resource"].(map[string]any)["id"].(string)
+	}
+	if res := r.do("GET", "/Observation/"+firstID("category=vital-signs"), nil, bearer(lab)...); res.StatusCode != 404 {
+		t.Errorf("read of a vital-signs Observation: %d", res.StatusCode)
+	}
+	if res := r.do("GET", "/Observation/"+firstID("category=laboratory"), nil, bearer(lab)...); res.StatusCode != 200 {
+		t.Errorf("read of a laboratory Observation: %d", res.StatusCode)
+	}
+	m := r.mustCompleteAuth(r.kickOff("GET", "/$export?_type=Observation,Patient", nil, bearer(lab)...), lab)
+	counts := map[string]int{}
+	for _, it := range m.Output {
+		for _, l := range r.linesAuth(it.URL, lab) {
+			counts[it.Type]++
+			if it.Type == "Observation" && !bytes.Contains(l, []byte(`"code":"laboratory"`)) {
+				t.Fatalf("exported a non-laboratory Observation: %.200s", l)
+			}
+		}
+	}
+	patients := r.do("GET", "/Patient?_total=accurate&_count=1", nil, bearer(all)...).json(t)["total"].(float64)
+	if counts["Observation"] != labCount || counts["Patient"] != int(patients) {
+		t.Errorf("export: %v, want %d Observations and %v Patients", counts, labCount, patients)
 	}
 }
