@@ -185,7 +185,8 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 	if loc == "" {
 		return nil, errors.New("kick-off: 202 without Content-Location")
 	}
-	st := &State{Request: req, StatusURL: loc, Started: time.Now().UTC(), RunID: time.Now().UTC().Format("20060102T150405")}
+	now := time.Now().UTC()
+	st := &State{Request: req, StatusURL: loc, Started: now, RunID: newRunID(c.opt.Out, now)}
 	if err := c.save(st); err != nil {
 		return nil, err
 	}
@@ -554,6 +555,20 @@ func ApplyIncrement(dir, runID string, deleted, updated map[string]bool) (int, e
 		}
 	}
 	return removed, nil
+}
+
+// newRunID names a run by its start (to the second, as file names show it),
+// with -2, -3, … when the folder already holds files of a run started in the
+// same second: two runs must never write the same file names.
+func newRunID(dir string, now time.Time) string {
+	base := now.UTC().Format("20060102T150405")
+	id := base
+	for n := 2; ; n++ {
+		if m, _ := filepath.Glob(filepath.Join(dir, "*."+id+".*")); len(m) == 0 {
+			return id
+		}
+		id = fmt.Sprintf("%s-%d", base, n)
+	}
 }
 
 // RunIDs reads the ids of resources in this run's output and deleted files.
