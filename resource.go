@@ -1,7 +1,9 @@
 package kiln
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -77,6 +79,55 @@ type WriteResult struct {
 	// Unchanged is true for a Put that matched the current version, and for
 	// a Delete of a missing or deleted resource.
 	Unchanged bool
+}
+
+// Prior is what a store holds of a resource when a Write comes: whether a
+// row exists (live or a tombstone), its version and its content hash.
+type Prior struct {
+	Exists, Deleted bool
+	Version         int64
+	Hash            []byte
+}
+
+// WriteStep is what a store must do for one Write.
+type WriteStep int
+
+const (
+	StepNone   WriteStep = iota // nothing: an unchanged Put, or a Delete of what is absent
+	StepDelete                  // turn the live row into a tombstone
+	StepUpdate                  // replace the existing row (live or tombstone)
+	StepInsert                  // add a new row
+)
+
+// Decide applies Kiln's write rules to one Write given its Prior: If-Match,
+// create conflicts, deletes of nothing, and unchanged content. The result
+// carries the new version (and, for StepNone, the whole answer); the store
+// only performs the step. Every store calls it, so that all agree on versions
+// and no-ops.
+func Decide(w *Write, p Prior) (WriteStep, WriteResult, error) {
+	res := WriteResult{Resource: Resource{Type: w.Type, ID: w.ID}}
+	live := p.Exists && !p.Deleted
+	if w.IfMatch != 0 && (!live || p.Version != w.IfMatch) {
+		return StepNone, res, &Error{Code: EPRECONDITION, Message: fmt.Sprintf("%s/%s is not at version %d", w.Type, w.ID, w.IfMatch)}
+	}
+	switch {
+	case w.Kind == Delete && !live:
+		res.Unchanged, res.Deleted, res.Version = true, true, p.Version
+		return StepNone, res, nil
+	case w.Kind == Delete:
+		res.Deleted, res.Version = true, p.Version+1
+		return StepDelete, res, nil
+	case w.Kind == Create && live:
+		return StepNone, res, &Error{Code: ECONFLICT, Message: fmt.Sprintf("%s/%s already exists", w.Type, w.ID)}
+	case live && bytes.Equal(p.Hash, w.Hash):
+		res.Unchanged, res.Version = true, p.Version
+		return StepNone, res, nil
+	case p.Exists:
+		res.Version = p.Version + 1
+		return StepUpdate, res, nil
+	}
+	res.Version, res.Created = 1, true
+	return StepInsert, res, nil
 }
 
 // SearchQuery is the minimal REST search Kiln's store answers directly.

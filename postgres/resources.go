@@ -1,7 +1,6 @@
 package postgres
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"strconv"
@@ -143,38 +142,25 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 	if exists {
 		cv = *c
 	}
-	res := kiln.WriteResult{Resource: kiln.Resource{Type: wr.Type, ID: wr.ID}}
-	if wr.IfMatch != 0 && (!exists || cv.deleted || cv.version != wr.IfMatch) {
-		return res, &kiln.Error{Code: kiln.EPRECONDITION, Message: fmt.Sprintf("%s/%s is not at version %d", wr.Type, wr.ID, wr.IfMatch)}
+	step, res, err := kiln.Decide(wr, kiln.Prior{Exists: exists, Deleted: cv.deleted, Version: cv.version, Hash: cv.hash})
+	if err != nil || step == kiln.StepNone {
+		return res, err
 	}
-	switch wr.Kind {
-	case kiln.Delete:
-		if !exists || cv.deleted {
-			res.Unchanged, res.Deleted, res.Version = true, true, cv.version
-			return res, nil
-		}
+	if step == kiln.StepDelete {
 		if err := w.archive(ctx, cv.rid); err != nil {
 			return res, err
 		}
-		if _, err := w.tx.Exec(ctx, `UPDATE resources SET version=$1, lu=$2, deleted=true, hash=NULL, body=NULL WHERE rid=$3`, cv.version+1, w.lu, cv.rid); err != nil {
+		if _, err := w.tx.Exec(ctx, `UPDATE resources SET version=$1, lu=$2, deleted=true, hash=NULL, body=NULL WHERE rid=$3`, res.Version, w.lu, cv.rid); err != nil {
 			return res, fmt.Errorf("postgres: delete %s/%s: %w", wr.Type, wr.ID, err)
 		}
-		w.cur[key] = &current{rid: cv.rid, version: cv.version + 1, deleted: true}
-		res.Version, res.Deleted, res.LastUpdated = cv.version+1, true, fromMS(w.lu)
-		return res, nil
-	case kiln.Create:
-		if exists && !cv.deleted {
-			return res, &kiln.Error{Code: kiln.ECONFLICT, Message: fmt.Sprintf("%s/%s already exists", wr.Type, wr.ID)}
-		}
-	}
-	if exists && !cv.deleted && bytes.Equal(cv.hash, wr.Hash) {
-		res.Version, res.Unchanged = cv.version, true
+		w.cur[key] = &current{rid: cv.rid, version: res.Version, deleted: true}
+		res.LastUpdated = fromMS(w.lu)
 		return res, nil
 	}
-	version := cv.version + 1
+	version := res.Version
 	body := fhir.SpliceMeta(wr.Body, wr.MetaAt, wr.MetaEmpty, strconv.FormatInt(version, 10), w.luText)
 	rid := cv.rid
-	if exists {
+	if step == kiln.StepUpdate {
 		if err := w.archive(ctx, rid); err != nil {
 			return res, err
 		}
@@ -195,7 +181,6 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		}
 		w.resRows = append(w.resRows, []any{rid, wr.Type, wr.ID, version, w.lu, false, wr.Hash, body})
 		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash, pending: true}
-		res.Created = true
 	}
 	for _, p := range wr.Patients {
 		w.comp = append(w.comp, []any{p, wr.Type, rid})

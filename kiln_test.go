@@ -1,0 +1,54 @@
+package kiln
+
+import "testing"
+
+func TestDecide(t *testing.T) {
+	h1, h2 := []byte{1}, []byte{2}
+	live := Prior{Exists: true, Version: 3, Hash: h1}
+	tomb := Prior{Exists: true, Deleted: true, Version: 4}
+	for _, c := range []struct {
+		name    string
+		w       Write
+		p       Prior
+		step    WriteStep
+		version int64
+		code    string // error code, if any
+		flags   string // c(reated) u(nchanged) d(eleted)
+	}{
+		{"put new", Write{Kind: Put, Hash: h1}, Prior{}, StepInsert, 1, "", "c"},
+		{"create new", Write{Kind: Create, Hash: h1}, Prior{}, StepInsert, 1, "", "c"},
+		{"put same content", Write{Kind: Put, Hash: h1}, live, StepNone, 3, "", "u"},
+		{"put new content", Write{Kind: Put, Hash: h2}, live, StepUpdate, 4, "", ""},
+		{"create over live", Write{Kind: Create, Hash: h2}, live, StepNone, 0, ECONFLICT, ""},
+		{"create over tombstone", Write{Kind: Create, Hash: h1}, tomb, StepUpdate, 5, "", ""},
+		{"put same hash over tombstone", Write{Kind: Put, Hash: nil}, tomb, StepUpdate, 5, "", ""},
+		{"delete live", Write{Kind: Delete}, live, StepDelete, 4, "", "d"},
+		{"delete tombstone", Write{Kind: Delete}, tomb, StepNone, 4, "", "ud"},
+		{"delete nothing", Write{Kind: Delete}, Prior{}, StepNone, 0, "", "ud"},
+		{"if-match right", Write{Kind: Put, Hash: h2, IfMatch: 3}, live, StepUpdate, 4, "", ""},
+		{"if-match wrong", Write{Kind: Put, Hash: h2, IfMatch: 2}, live, StepNone, 0, EPRECONDITION, ""},
+		{"if-match on tombstone", Write{Kind: Delete, IfMatch: 4}, tomb, StepNone, 0, EPRECONDITION, ""},
+		{"if-match on nothing", Write{Kind: Put, Hash: h1, IfMatch: 1}, Prior{}, StepNone, 0, EPRECONDITION, ""},
+	} {
+		c.w.Type, c.w.ID = "Patient", "p"
+		step, res, err := Decide(&c.w, c.p)
+		if c.code != "" {
+			if ErrorCode(err) != c.code || step != StepNone {
+				t.Errorf("%s: step %d, err %v; want %s", c.name, step, err, c.code)
+			}
+			continue
+		}
+		flags := ""
+		for _, f := range []struct {
+			on bool
+			s  string
+		}{{res.Created, "c"}, {res.Unchanged, "u"}, {res.Deleted, "d"}} {
+			if f.on {
+				flags += f.s
+			}
+		}
+		if err != nil || step != c.step || res.Version != c.version || flags != c.flags || res.Type != "Patient" || res.ID != "p" {
+			t.Errorf("%s: step %d version %d flags %q err %v; want step %d version %d flags %q", c.name, step, res.Version, flags, err, c.step, c.version, c.flags)
+		}
+	}
+}
