@@ -389,7 +389,7 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	query.Clauses = rest
 	p := principal(r)
 	scoped := len(p.Filters(typ)) > 0
-	sq.Total = len(query.Clauses) == 0 && first && !scoped
+	sq.Total = len(query.Clauses) == 0 && first && !scoped && totalMode != "none"
 	var matches []kiln.Resource
 	var next int64
 	matched, total := 0, -1
