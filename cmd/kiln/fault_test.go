@@ -229,11 +229,12 @@ func countLines(t *testing.T, dir string) int {
 
 // TestPostgresRestartDuringExport restarts the PostgreSQL server (the command
 // in KILN_PG_RESTART, which scripts/test sets) twice while exports run on it:
-// both exports complete with exactly the store's resources, and the server
-// answers REST reads afterwards.
+// both exports complete with exactly the store's resources. Then it stops the
+// server (KILN_PG_STOP): /readyz and REST reads answer 503 with Retry-After;
+// and starts it again (KILN_PG_START): both answer 200 again.
 func TestPostgresRestartDuringExport(t *testing.T) {
-	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_PG_RESTART")
-	pgURL, restart := env[0], env[1]
+	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_PG_RESTART", "KILN_PG_STOP", "KILN_PG_START")
+	pgURL, restart, stop, start := env[0], env[1], env[2], env[3]
 	if testing.Short() {
 		t.Skip("fault test")
 	}
@@ -276,13 +277,46 @@ func TestPostgresRestartDuringExport(t *testing.T) {
 		}
 		checkExport(t, loc, m, want)
 	}
-	res, err := http.Get(k.base() + "/Patient?_count=1")
-	if err != nil {
-		t.Fatal(err)
+	get := func(url string) *http.Response {
+		t.Helper()
+		res, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res
 	}
-	res.Body.Close()
-	if res.StatusCode != 200 {
+	if res := get(k.base() + "/Patient?_count=1"); res.StatusCode != 200 {
 		t.Fatalf("REST read after restarts: %d", res.StatusCode)
+	}
+	pgctl := func(what, cmd string) {
+		t.Helper()
+		if out, err := exec.Command("sh", "-c", cmd).CombinedOutput(); err != nil {
+			t.Fatalf("%s PostgreSQL: %v\n%s", what, err, out)
+		}
+	}
+	pgctl("stop", stop)
+	stopped := true
+	defer func() {
+		if stopped {
+			exec.Command("sh", "-c", start).Run()
+		}
+	}()
+	if res := get("http://" + k.addr + "/readyz"); res.StatusCode != 503 {
+		t.Errorf("/readyz with PostgreSQL stopped: %d", res.StatusCode)
+	}
+	if res := get(k.base() + "/Patient?_count=1"); res.StatusCode != 503 || res.Header.Get("Retry-After") == "" {
+		t.Errorf("REST read with PostgreSQL stopped: %d, Retry-After %q", res.StatusCode, res.Header.Get("Retry-After"))
+	}
+	pgctl("start", start)
+	stopped = false
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if get("http://"+k.addr+"/readyz").StatusCode == 200 && get(k.base()+"/Patient?_count=1").StatusCode == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not ready 15 s after PostgreSQL started again")
+		}
 	}
 }
 

@@ -199,7 +199,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if _, urls := sink.(kiln.URLSink); urls {
 		hc.RequiresAccessToken = false
 	}
-	api := httpapi.New(db, exp, hc, nil)
+	// Ready while the store answers: a load balancer or Kubernetes then
+	// sends no requests to a server whose database is away.
+	ready := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return db.Ping(ctx)
+	}
+	api := httpapi.New(db, exp, hc, ready)
 	srv := &http.Server{
 		Handler:           api,
 		ReadHeaderTimeout: c.readHeaderTimeout,

@@ -22,6 +22,7 @@ type backend interface {
 	kiln.JobStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
+	Ping(context.Context) error
 }
 
 type storeFlags struct {
