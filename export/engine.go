@@ -797,7 +797,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	s.log.Debug("export unit done", "job", u.Job, "unit", u.Seq, "kind", u.Kind, "type", u.Type, "resources", n, "worker", worker, "seconds", time.Since(start).Seconds())
 	total, done, err := s.jobs.UnitCounts(ctx, u.Job)
 	if err != nil {
-		// finalizeDone, on the reclaim ticker, finishes the job later.
+		// The 5-second recover pass in Run finishes the job later.
 		s.log.Error("count export units", "job", u.Job, "err", err)
 		return true
 	}
