@@ -58,6 +58,9 @@ type ExportRequest struct {
 	OutputFormat          string   `json:"outputFormat"`
 	IncludeAssociatedData []string `json:"includeAssociatedData,omitempty"`
 	Lenient               bool     `json:"lenient,omitempty"`
+	// AllowPartialManifests (Bulk Data v3): while the export runs, the status
+	// answers with manifest pages of the files already written.
+	AllowPartialManifests bool `json:"allowPartialManifests,omitempty"`
 	// Warnings are problems ignored under Prefer: handling=lenient; each
 	// becomes an OperationOutcome line in the error file.
 	Warnings []Issue `json:"warnings,omitempty"`
@@ -90,6 +93,10 @@ type Job struct {
 	Patients int `json:"patients,omitempty"`
 	// Files are the manifest's files, set when the job completes.
 	Files []File `json:"files,omitempty"`
+	// Pages, with AllowPartialManifests, are the manifest pages handed out so
+	// far: each holds the files of units finished when it was made (one file
+	// per part) and never changes afterwards. Files is all pages in order.
+	Pages [][]File `json:"pages,omitempty"`
 	// Launches counts how often a Launcher started the job's workers.
 	Launches int `json:"launches,omitempty"`
 	// LaunchPending is true while the job waits to be launched (or relaunched).

@@ -344,6 +344,11 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		u.Job, u.Seq = job.ID, len(units)
 		units = append(units, u)
 	}
+	// The error file first: it is known now, and partial manifest pages,
+	// which all list it, can start as soon as it is written.
+	if len(req.Warnings) > 0 {
+		add(kiln.Unit{Kind: kiln.UnitErrors})
+	}
 	var exported []string
 	switch req.Level {
 	case kiln.LevelSystem:
@@ -393,9 +398,6 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		if len(dt) > 0 {
 			add(kiln.Unit{Kind: kiln.UnitDeleted, Types: dt})
 		}
-	}
-	if len(req.Warnings) > 0 {
-		add(kiln.Unit{Kind: kiln.UnitErrors})
 	}
 	return units, nil
 }
@@ -867,6 +869,13 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 		}
 		j.State = kiln.JobCompleted
 		j.Files = files
+		if j.Request.AllowPartialManifests {
+			// The pages handed out stay as they are; the rest is the last page.
+			if last := pageFiles(parts, j.Pages); len(last) > 0 || len(j.Pages) == 0 {
+				j.Pages = append(j.Pages, last)
+			}
+			j.Files = slices.Concat(j.Pages...)
+		}
 		j.UnitsDone = j.UnitsTotal
 		j.Expires = s.cfg.Now().Add(s.cfg.Retention).UTC()
 		return nil
@@ -888,6 +897,64 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 
 // assemble groups parts into manifest files: consecutive parts of one kind and
 // type, as long as the file stays within the limits.
+// PartialPages makes, for a running job with AllowPartialManifests, a new
+// manifest page of the files written since the last page, and returns the
+// job with its pages. A page is made only once the job's error file (for
+// issues known at kick-off) is written, so that every page lists it.
+func (s *Service) PartialPages(ctx context.Context, j *kiln.Job) (*kiln.Job, error) {
+	if !j.Request.AllowPartialManifests || j.Finished() {
+		return j, nil
+	}
+	parts, err := s.jobs.Parts(ctx, j.ID)
+	if err != nil {
+		return nil, err
+	}
+	if len(j.Request.Warnings) > 0 && !slices.ContainsFunc(parts, func(p kiln.Part) bool { return p.Kind == "error" }) {
+		return j, nil
+	}
+	if len(pageFiles(parts, j.Pages)) == 0 {
+		return j, nil
+	}
+	nj, err := s.jobs.UpdateJob(ctx, j.ID, func(cur *kiln.Job) error {
+		if cur.Finished() {
+			return nil // finalize made the last page
+		}
+		if page := pageFiles(parts, cur.Pages); len(page) > 0 {
+			cur.Pages = append(cur.Pages, page)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return nj, nil
+}
+
+// pageFiles lists, one file per part, the parts with data that no page holds
+// yet: output first, then deleted, then error, by type.
+func pageFiles(parts []kiln.Part, pages [][]kiln.File) []kiln.File {
+	onPage := map[string]bool{}
+	for _, page := range pages {
+		for _, f := range page {
+			onPage[f.Name] = true
+		}
+	}
+	var files []kiln.File
+	for _, p := range parts {
+		if p.Count > 0 && !onPage[p.Name] {
+			files = append(files, kiln.File{Name: p.Name, Type: p.Type, Kind: p.Kind, Count: p.Count, Bytes: p.Bytes, Parts: []string{p.Name}})
+		}
+	}
+	kindOrder := map[string]int{"output": 0, "deleted": 1, "error": 2}
+	slices.SortStableFunc(files, func(a, b kiln.File) int {
+		if c := kindOrder[a.Kind] - kindOrder[b.Kind]; c != 0 {
+			return c
+		}
+		return strings.Compare(a.Type, b.Type)
+	})
+	return files
+}
+
 func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
 	type key struct{ kind, typ string }
 	byKey := map[key][]kiln.Part{}
@@ -1071,14 +1138,16 @@ func (s *Service) FileURL(ctx context.Context, j *kiln.Job, f *kiln.File) (url s
 	return u, err == nil, err
 }
 
-// OpenFile opens a manifest file of a completed job: its parts in order.
+// OpenFile opens a manifest file of a job (completed, or on a partial
+// manifest page): its parts in order.
 func (s *Service) OpenFile(ctx context.Context, j *kiln.Job, name string) (io.ReadCloser, *kiln.File, error) {
-	for i := range j.Files {
-		f := &j.Files[i]
-		if f.Name != name {
-			continue
+	for _, files := range append([][]kiln.File{j.Files}, j.Pages...) {
+		for i := range files {
+			f := &files[i]
+			if f.Name == name {
+				return &multiPart{ctx: ctx, sink: s.sink, job: j.ID, parts: f.Parts}, f, nil
+			}
 		}
-		return &multiPart{ctx: ctx, sink: s.sink, job: j.ID, parts: f.Parts}, f, nil
 	}
 	return nil, nil, kiln.Errorf(kiln.ENOTFOUND, "export job %s has no file %s", j.ID, name)
 }

@@ -407,8 +407,15 @@ func (p *parser) param(name, raw string, vals []string) {
 			_, query, _ := strings.Cut(f, "?")
 			r.TypeFilters[q.Type] = append(r.TypeFilters[q.Type], query)
 		}
-	case "organizeOutputBy", "allowPartialManifests":
+	case "organizeOutputBy":
 		p.unsupported(raw, "%s is not supported", name)
+	case "allowPartialManifests":
+		v, ok := single(vals)
+		if !ok || v != "true" && v != "false" {
+			p.fail(raw, "%s must be true or false, got %q", raw, strings.Join(vals, ","))
+			return
+		}
+		r.AllowPartialManifests = v == "true"
 	case "patientReferenceBatchSize":
 		if n, ok := p.intParam(raw, vals, 1, MaxPatientBatch); ok {
 			r.PatientReferenceBatchSize = int(n)

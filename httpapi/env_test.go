@@ -272,6 +272,7 @@ type manifest struct {
 	Deleted             []item `json:"deleted"`
 	Error               []item `json:"error"`
 	Errors              []item `json:"errors"`
+	Link                []struct{ Relation, URL string }
 }
 
 type item struct {

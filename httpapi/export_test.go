@@ -1,6 +1,7 @@
 package httpapi_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"sort"
@@ -649,5 +651,89 @@ func TestRetentionSweep(t *testing.T) {
 	}
 	if r := e.do("GET", m.Output[0].URL, nil); r.StatusCode != 404 {
 		t.Fatalf("file after expiry: %d", r.StatusCode)
+	}
+}
+
+// TestPartialManifests: with allowPartialManifests=true the status answers
+// with manifest pages linked by "next"; the pages together list every file
+// once, every page repeats the error file, and pages seen while the export ran
+// are unchanged at the end. Bad values are 400s.
+func TestPartialManifests(t *testing.T) {
+	e := newEnv(t, envOpts{noWorkers: true, exportCfg: export.Config{UnitSize: 150, Workers: 1}})
+	st := e.load(dataDir(t, "synthea-r4-10"))
+	for q, param := range map[string]string{"allowPartialManifests=yes": "allowPartialManifests", "organizeOutputBy=Patient": "organizeOutputBy"} {
+		if r := e.do("GET", "/$export?"+q, nil, "Prefer", "respond-async"); r.StatusCode != 400 || !strings.Contains(string(r.body), `"expression":["`+param+`"]`) {
+			t.Errorf("%s: %d %s", q, r.StatusCode, r.body)
+		}
+	}
+	// A type nobody may export under lenient handling puts a line in the error file.
+	loc := e.kickOff("GET", "/$export?allowPartialManifests=true&fetchResourceBatchSize=5&_type=Patient,Observation,NotAType", nil, "Prefer", "handling=lenient")
+	if r := e.do("GET", loc, nil); r.StatusCode != 202 || len(bytes.TrimSpace(r.body)) != 0 {
+		t.Fatalf("before any unit ran: %d %s", r.StatusCode, r.body)
+	}
+	e.startWorkers()
+	var partial []manifest // pages seen while the export ran
+	var pages []manifest
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		r := e.do("GET", loc, nil)
+		var m manifest
+		if len(bytes.TrimSpace(r.body)) > 0 {
+			if err := json.Unmarshal(r.body, &m); err != nil {
+				t.Fatalf("status %d body: %v %s", r.StatusCode, err, r.body)
+			}
+		}
+		if r.StatusCode == 202 && m.TransactionTime != "" {
+			if ct := r.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("partial manifest Content-Type %q", ct)
+			}
+			partial = append(partial, m)
+		}
+		if r.StatusCode == 200 {
+			pages = append(pages, m)
+			break
+		}
+		if r.StatusCode != 202 || time.Now().After(deadline) {
+			t.Fatalf("status %d %s", r.StatusCode, r.body)
+		}
+	}
+	for len(pages[len(pages)-1].Link) > 0 {
+		l := pages[len(pages)-1].Link[0]
+		r := e.do("GET", l.URL, nil)
+		var m manifest
+		if l.Relation != "next" || r.StatusCode != 200 || json.Unmarshal(r.body, &m) != nil {
+			t.Fatalf("page %s (%s): %d %s", l.URL, l.Relation, r.StatusCode, r.body)
+		}
+		pages = append(pages, m)
+	}
+	t.Logf("%d partial manifests seen while running; %d pages at the end", len(partial), len(pages))
+	for _, p := range partial {
+		if !reflect.DeepEqual(p.Output, pages[0].Output) && !slices.ContainsFunc(pages, func(q manifest) bool { return reflect.DeepEqual(p.Output, q.Output) }) {
+			t.Errorf("a page seen while running is not a page at the end: %v", p.Output)
+		}
+	}
+	var all manifest
+	for _, p := range pages {
+		if len(p.Error) != 1 || p.TransactionTime != pages[0].TransactionTime || p.Request != pages[0].Request {
+			t.Errorf("a page does not repeat the error file and the job's fields: %+v", p)
+		}
+		all.Output = append(all.Output, p.Output...)
+	}
+	got := e.exported(all)
+	if len(got["Patient"]) != int(st.Written["Patient"]) || len(got["Observation"]) != int(st.Written["Observation"]) {
+		t.Errorf("pages hold %d Patients and %d Observations, want %d and %d", len(got["Patient"]), len(got["Observation"]), st.Written["Patient"], st.Written["Observation"])
+	}
+	for typ, ids := range got {
+		if n := len(slices.Compact(slices.Sorted(slices.Values(ids)))); n != len(ids) {
+			t.Errorf("%s: %d lines for %d ids", typ, len(ids), n)
+		}
+	}
+	for q, want := range map[string]int{"?page=abc": 400, "?page=0": 400, fmt.Sprintf("?page=%d", len(pages)+1): 404} {
+		if r := e.do("GET", loc+q, nil); r.StatusCode != want {
+			t.Errorf("%s: %d, want %d", q, r.StatusCode, want)
+		}
+	}
+	plain := e.mustComplete(e.kickOff("GET", "/$export?_type=Patient", nil))
+	if len(plain.Link) != 0 {
+		t.Errorf("a manifest without allowPartialManifests has links: %v", plain.Link)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -185,6 +186,15 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	retry := strconv.Itoa(s.cfg.RetryAfter)
+	page := 1
+	if v := r.URL.Query().Get("page"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || !j.Request.AllowPartialManifests {
+			s.writeError(w, r, kiln.Invalid("page", "page %q is not a manifest page of this export", v))
+			return
+		}
+		page = n
+	}
 	switch j.State {
 	case kiln.JobAccepted, kiln.JobInProgress:
 		if s.throttled(id) {
@@ -198,6 +208,22 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 			progress = fmt.Sprintf("in-progress (%d%%)", s.exports.Progress(r.Context(), j))
 		}
 		w.Header().Set("X-Progress", progress)
+		if j.Request.AllowPartialManifests {
+			// Bulk Data v3: the files written so far, as fixed manifest pages.
+			if j, err = s.exports.PartialPages(r.Context(), j); err != nil {
+				s.writeError(w, r, err)
+				return
+			}
+			if page <= len(j.Pages) {
+				m, err := s.manifestPage(r, j, page)
+				if err != nil {
+					s.writeError(w, r, err)
+					return
+				}
+				writeJSON(w, http.StatusAccepted, "application/json", m)
+				return
+			}
+		}
 		w.WriteHeader(http.StatusAccepted)
 	case kiln.JobFailed:
 		s.forgetPolls(id)
@@ -207,7 +233,16 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 		s.forgetPolls(id)
 		w.Header().Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
 		w.Header().Set("X-Progress", string(kiln.JobCompleted))
-		m, err := s.manifest(r, j)
+		var m manifest
+		if j.Request.AllowPartialManifests {
+			if page > len(j.Pages) {
+				s.writeError(w, r, kiln.Errorf(kiln.ENOTFOUND, "export %s has %d manifest pages, not %d", id, len(j.Pages), page))
+				return
+			}
+			m, err = s.manifestPage(r, j, page)
+		} else {
+			m, err = s.manifest(r, j, j.Files)
+		}
 		if err != nil {
 			s.writeError(w, r, err)
 			return
@@ -233,11 +268,38 @@ type manifest struct {
 	Error               []manifestFile `json:"error"`
 	// Errors repeats Error for Helix clients, which read that key.
 	Errors []manifestFile `json:"errors"`
+	// Link leads to the next manifest page (allowPartialManifests).
+	Link []manifestLink `json:"link,omitempty"`
+}
+
+type manifestLink struct {
+	Relation string `json:"relation"`
+	URL      string `json:"url"`
+}
+
+// manifestPage is page n (from 1) of a job with allowPartialManifests: its
+// output and deleted files, the job's error files (repeated on every page,
+// as the IG asks), and a next link once a later page exists.
+func (s *Server) manifestPage(r *http.Request, j *kiln.Job, n int) (manifest, error) {
+	files := slices.Clone(j.Pages[n-1])
+	files = slices.DeleteFunc(files, func(f kiln.File) bool { return f.Kind == "error" })
+	for _, page := range j.Pages {
+		for _, f := range page {
+			if f.Kind == "error" {
+				files = append(files, f)
+			}
+		}
+	}
+	m, err := s.manifest(r, j, files)
+	if err == nil && n < len(j.Pages) {
+		m.Link = []manifestLink{{Relation: "next", URL: s.publicURL(r, fmt.Sprintf("%s/$export/%s?page=%d", s.cfg.BasePath, j.ID, n+1))}}
+	}
+	return m, err
 }
 
 // manifest builds the manifest; file URLs from a URL sink (presigned S3) are
 // made anew on every poll, so a client that re-polls gets fresh ones.
-func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
+func (s *Server) manifest(r *http.Request, j *kiln.Job, files []kiln.File) (manifest, error) {
 	m := manifest{
 		TransactionTime:     fhir.FormatInstant(j.TransactionTime),
 		Request:             j.Request.RequestURL,
@@ -246,8 +308,8 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job) (manifest, error) {
 		Deleted:             []manifestFile{},
 		Error:               []manifestFile{},
 	}
-	for i := range j.Files {
-		f := &j.Files[i]
+	for i := range files {
+		f := &files[i]
 		mf := manifestFile{Type: f.Type, URL: s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), Count: f.Count}
 		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil {
 			return m, err
@@ -299,7 +361,7 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j, err := s.exports.Job(r.Context(), id)
-	if err == nil && (!owns(p, j) || j.State != kiln.JobCompleted) {
+	if err == nil && (!owns(p, j) || j.State != kiln.JobCompleted && !(j.Request.AllowPartialManifests && !j.Finished())) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "export job %s has no file %s", id, name)
 	}
 	if err != nil {
@@ -321,7 +383,9 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 	defer rc.Close()
 	h := w.Header()
 	h.Set("Content-Type", fhirNDJSON)
-	h.Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
+	if !j.Expires.IsZero() {
+		h.Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
+	}
 	h.Set("Vary", "Accept-Encoding")
 	h.Set("X-Resource-Count", strconv.FormatInt(f.Count, 10))
 	var out io.Writer = w
