@@ -36,13 +36,7 @@ func TestKillNineDuringExport(t *testing.T) {
 	bin := buildKiln(t)
 	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
-	gen := filepath.Join(dir, "gen")
-	if _, err := synth.Generate(context.Background(), gen, synth.Options{Patients: 150, Seed: 9}); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	gen := seedStore(t, bin, dir, 150, 9, []string{"--data", data})
 	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "1500", "--log-level", "error"}}
 	k.start()
 	defer k.stop()
@@ -212,6 +206,22 @@ func checkExport(t *testing.T, loc string, m *manifest, want int) {
 	}
 }
 
+// seedStore generates patients into dir/gen and loads them with kiln import
+// and storeArgs (--data …, or --store postgres …); it returns the generated folder.
+func seedStore(t *testing.T, bin, dir string, patients int, seed uint64, storeArgs []string, env ...string) string {
+	t.Helper()
+	gen := filepath.Join(dir, "gen")
+	if _, err := synth.Generate(context.Background(), gen, synth.Options{Patients: patients, Seed: seed}); err != nil {
+		t.Fatal(err)
+	}
+	imp := exec.Command(bin, append(append([]string{"import", "--quiet"}, storeArgs...), gen)...)
+	imp.Env = append(os.Environ(), env...)
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	return gen
+}
+
 func countLines(t *testing.T, dir string) int {
 	files, _ := filepath.Glob(filepath.Join(dir, "*.ndjson"))
 	n := 0
@@ -245,17 +255,9 @@ func TestPostgresRestartDuringExport(t *testing.T) {
 	crand.Read(b)
 	schema := "restart_" + hex.EncodeToString(b)
 	defer postgres.DropSchema(ctx, pgURL, schema)
-	gen := filepath.Join(dir, "gen")
-	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 150, Seed: 11}); err != nil {
-		t.Fatal(err)
-	}
 	common := []string{"--store", "postgres", "--postgres-schema", schema, "--data", filepath.Join(dir, "data")}
 	pgEnv := []string{"KILN_POSTGRES_URL=" + pgURL}
-	imp := exec.Command(bin, append([]string{"import", "--quiet"}, append(common, gen)...)...)
-	imp.Env = append(os.Environ(), pgEnv...)
-	if out, err := imp.CombinedOutput(); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	gen := seedStore(t, bin, dir, 150, 11, common, pgEnv...)
 	k := &kilnProc{t: t, bin: bin, env: pgEnv, args: append([]string{"--export-unit-size", "1000", "--unit-lease", "3s", "--log-level", "warn"}, common...)}
 	k.start()
 	defer k.stop()
@@ -335,16 +337,10 @@ func TestDiskFullDuringExport(t *testing.T) {
 		}
 		t.Skip("needs root to mount a tmpfs")
 	}
-	ctx := context.Background()
 	bin := buildKiln(t)
 	dir := t.TempDir()
-	gen, src := filepath.Join(dir, "gen"), filepath.Join(dir, "src")
-	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 60, Seed: 13}); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(bin, "import", "--quiet", "--data", src, gen).CombinedOutput(); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	src := filepath.Join(dir, "src")
+	gen := seedStore(t, bin, dir, 60, 13, []string{"--data", src})
 	// Room for the store and about a third of the export.
 	size := dirBytes(t, src) + dirBytes(t, gen)/3
 	data := filepath.Join(dir, "data")
@@ -426,13 +422,8 @@ func TestSigtermDrainAndSlowClients(t *testing.T) {
 	}
 	bin := buildKiln(t)
 	dir := t.TempDir()
-	data, gen := filepath.Join(dir, "data"), filepath.Join(dir, "gen")
-	if _, err := synth.Generate(context.Background(), gen, synth.Options{Patients: 150, Seed: 21}); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	data := filepath.Join(dir, "data")
+	gen := seedStore(t, bin, dir, 150, 21, []string{"--data", data})
 	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "2000", "--read-header-timeout", "1s", "--shutdown-grace", "5s", "--log-level", "error"}}
 	k.start()
 	defer k.stop()

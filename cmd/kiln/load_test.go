@@ -4,12 +4,9 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/kiln-fhir/kiln/synth"
 )
 
 // TestLoad runs kiln bench load's driver against a kiln serve process with
@@ -33,13 +30,8 @@ func TestLoad(t *testing.T) {
 	ctx := context.Background()
 	bin := buildKiln(t)
 	dir := t.TempDir()
-	gen, data := filepath.Join(dir, "gen"), filepath.Join(dir, "data")
-	if _, err := synth.Generate(ctx, gen, synth.Options{Patients: 40, Seed: 17}); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(bin, "import", "--quiet", "--data", data, gen).CombinedOutput(); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	data := filepath.Join(dir, "data")
+	seedStore(t, bin, dir, 40, 17, []string{"--data", data})
 	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--log-level", "error"}}
 	k.start()
 	defer k.stop()
