@@ -213,9 +213,10 @@ func runLoad(ctx context.Context, cfg loadConfig) (*loadReport, error) {
 	// Baseline: reads with nothing else running.
 	bctx, cancel := context.WithTimeout(ctx, cfg.Baseline)
 	var wg sync.WaitGroup
+	idle := rep.class("REST read, idle")
 	for i := range cfg.Readers {
 		wg.Add(1)
-		go func() { defer wg.Done(); reader(bctx, rep.class("REST read, idle"), uint64(i)) }()
+		go func() { defer wg.Done(); reader(bctx, idle, uint64(i)) }()
 	}
 	wg.Wait()
 	cancel()
