@@ -4,8 +4,6 @@
 package auth
 
 import (
-	"bytes"
-	"encoding/json"
 	"maps"
 	"slices"
 	"strings"
@@ -161,10 +159,8 @@ func (p *Principal) Matches(typ string, body []byte) bool {
 	if len(fs) == 0 {
 		return true
 	}
-	var m map[string]any
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	if dec.Decode(&m) != nil {
+	m, err := fhir.DecodeJSON(body)
+	if err != nil {
 		return false
 	}
 	for _, f := range fs {

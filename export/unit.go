@@ -1,9 +1,7 @@
 package export
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"time"
@@ -39,16 +37,13 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		}
 		defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
 		return s.store.Scan(ctx, q, func(body []byte) error {
-			// Only filtered types are decoded; the rest stream as stored bytes.
-			for _, fs := range [][]*fhir.Query{filters, scoped} {
-				if fs == nil {
-					continue
-				}
-				ok, err := matchAny(fs, body)
+			// Only filtered types are decoded (once); the rest stream as stored bytes.
+			if filters != nil || scoped != nil {
+				m, err := fhir.DecodeJSON(body)
 				if err != nil {
-					return err
+					return fmt.Errorf("decode stored resource: %w", err)
 				}
-				if !ok {
+				if filters != nil && !fhir.MatchAny(filters, m) || scoped != nil && !fhir.MatchAny(scoped, m) {
 					return nil
 				}
 			}
@@ -119,22 +114,6 @@ func compileFilters(typ string, queries []string) ([]*fhir.Query, error) {
 		out = append(out, f)
 	}
 	return out, nil
-}
-
-// matchAny: several _typeFilters for one type are ORed.
-func matchAny(filters []*fhir.Query, body []byte) (bool, error) {
-	var m map[string]any
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	if err := dec.Decode(&m); err != nil {
-		return false, fmt.Errorf("decode stored resource: %w", err)
-	}
-	for _, f := range filters {
-		if f.Match(m) {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 func deletedBundle(d kiln.Deleted) []byte {

@@ -1,6 +1,7 @@
 package fhir
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -174,13 +175,34 @@ func (q *Query) Match(res map[string]any) bool {
 
 // MatchJSON decodes body and matches it.
 func (q *Query) MatchJSON(body []byte) (bool, error) {
-	var m map[string]any
-	dec := json.NewDecoder(strings.NewReader(string(body)))
-	dec.UseNumber()
-	if err := dec.Decode(&m); err != nil {
+	m, err := DecodeJSON(body)
+	if err != nil {
 		return false, err
 	}
 	return q.Match(m), nil
+}
+
+// DecodeJSON decodes a stored resource for matching, numbers kept exact as
+// json.Number (as Match expects).
+func DecodeJSON(body []byte) (map[string]any, error) {
+	var m map[string]any
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	if err := dec.Decode(&m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// MatchAny reports whether res matches one of qs: several filters for one
+// type (_typeFilter, or a token's filtered scopes) are ORed.
+func MatchAny(qs []*Query, res map[string]any) bool {
+	for _, q := range qs {
+		if q.Match(res) {
+			return true
+		}
+	}
+	return false
 }
 
 func (q *Query) matchClause(c *Clause, res map[string]any) bool {
