@@ -895,8 +895,6 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 	return nil
 }
 
-// assemble groups parts into manifest files: consecutive parts of one kind and
-// type, as long as the file stays within the limits.
 // PartialPages makes, for a running job with AllowPartialManifests, a new
 // manifest page of the files written since the last page, and returns the
 // job with its pages. A page is made only once the job's error file (for
@@ -945,9 +943,8 @@ func pageFiles(parts []kiln.Part, pages [][]kiln.File) []kiln.File {
 			files = append(files, kiln.File{Name: p.Name, Type: p.Type, Kind: p.Kind, Count: p.Count, Bytes: p.Bytes, Parts: []string{p.Name}})
 		}
 	}
-	kindOrder := map[string]int{"output": 0, "deleted": 1, "error": 2}
 	slices.SortStableFunc(files, func(a, b kiln.File) int {
-		if c := kindOrder[a.Kind] - kindOrder[b.Kind]; c != 0 {
+		if c := kindRank(a.Kind) - kindRank(b.Kind); c != 0 {
 			return c
 		}
 		return strings.Compare(a.Type, b.Type)
@@ -955,6 +952,19 @@ func pageFiles(parts []kiln.Part, pages [][]kiln.File) []kiln.File {
 	return files
 }
 
+// kindRank orders files in a manifest listing: output, deleted, error.
+func kindRank(kind string) int {
+	switch kind {
+	case "output":
+		return 0
+	case "deleted":
+		return 1
+	}
+	return 2
+}
+
+// assemble groups parts into manifest files: consecutive parts of one kind and
+// type, as long as the file stays within the limits.
 func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
 	type key struct{ kind, typ string }
 	byKey := map[key][]kiln.Part{}
@@ -969,10 +979,9 @@ func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
 		}
 		byKey[k] = append(byKey[k], p)
 	}
-	kindOrder := map[string]int{"output": 0, "deleted": 1, "error": 2}
 	sort.Slice(keys, func(i, j int) bool {
 		if keys[i].kind != keys[j].kind {
-			return kindOrder[keys[i].kind] < kindOrder[keys[j].kind]
+			return kindRank(keys[i].kind) < kindRank(keys[j].kind)
 		}
 		return keys[i].typ < keys[j].typ
 	})
