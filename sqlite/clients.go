@@ -44,20 +44,7 @@ func (db *DB) Clients(ctx context.Context) ([]*kiln.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list clients: %w", err)
 	}
-	defer rows.Close()
-	var out []*kiln.Client
-	for rows.Next() {
-		var doc []byte
-		if err := rows.Scan(&doc); err != nil {
-			return nil, err
-		}
-		var c kiln.Client
-		if err := json.Unmarshal(doc, &c); err != nil {
-			return nil, fmt.Errorf("decode client: %w", err)
-		}
-		out = append(out, &c)
-	}
-	return out, rows.Err()
+	return decodeDocs[kiln.Client](rows, "client")
 }
 
 // DeleteClient implements kiln.ClientStore.

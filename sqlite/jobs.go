@@ -78,8 +78,15 @@ func (db *DB) SetPatients(ctx context.Context, job string, ids []string) error {
 
 // GetJob implements kiln.JobStore.
 func (db *DB) GetJob(ctx context.Context, id string) (*kiln.Job, error) {
+	return readJob(ctx, db.read, id)
+}
+
+// readJob reads one job, through the read pool or inside a transaction.
+func readJob(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, id string) (*kiln.Job, error) {
 	var doc []byte
-	err := db.read.QueryRowContext(ctx, `SELECT doc FROM jobs WHERE id=?`, id).Scan(&doc)
+	err := q.QueryRowContext(ctx, `SELECT doc FROM jobs WHERE id=?`, id).Scan(&doc)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
 	}
@@ -97,19 +104,11 @@ func (db *DB) GetJob(ctx context.Context, id string) (*kiln.Job, error) {
 func (db *DB) UpdateJob(ctx context.Context, id string, fn func(*kiln.Job) error) (*kiln.Job, error) {
 	var out *kiln.Job
 	err := db.inTx(ctx, func(tx *sql.Tx) error {
-		var doc []byte
-		err := tx.QueryRowContext(ctx, `SELECT doc FROM jobs WHERE id=?`, id).Scan(&doc)
-		if errors.Is(err, sql.ErrNoRows) {
-			return kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
-		}
+		cur, err := readJob(ctx, tx, id)
 		if err != nil {
-			return fmt.Errorf("read job %s: %w", id, err)
+			return err
 		}
-		var j kiln.Job
-		if err := json.Unmarshal(doc, &j); err != nil {
-			return fmt.Errorf("decode job %s: %w", id, err)
-		}
-		old := j
+		j, old := *cur, *cur // old: the state before fn, for the event
 		if err := fn(&j); err != nil {
 			return err
 		}
@@ -119,7 +118,8 @@ func (db *DB) UpdateJob(ctx context.Context, id string, fn func(*kiln.Job) error
 			}
 		}
 		j.Updated = db.now().UTC()
-		if doc, err = json.Marshal(&j); err != nil {
+		doc, err := json.Marshal(&j)
+		if err != nil {
 			return fmt.Errorf("encode job: %w", err)
 		}
 		if _, err := tx.ExecContext(ctx, `UPDATE jobs SET state=?, updated=?, expires=?, doc=? WHERE id=?`,
@@ -165,18 +165,23 @@ func (db *DB) Jobs(ctx context.Context, states ...kiln.JobState) ([]*kiln.Job, e
 	if err != nil {
 		return nil, fmt.Errorf("list jobs: %w", err)
 	}
+	return decodeDocs[kiln.Job](rows, "job")
+}
+
+// decodeDocs decodes the JSON doc column of every row into a new T.
+func decodeDocs[T any](rows *sql.Rows, what string) ([]*T, error) {
 	defer rows.Close()
-	var out []*kiln.Job
+	var out []*T
 	for rows.Next() {
 		var doc []byte
 		if err := rows.Scan(&doc); err != nil {
 			return nil, err
 		}
-		var j kiln.Job
-		if err := json.Unmarshal(doc, &j); err != nil {
-			return nil, fmt.Errorf("decode job: %w", err)
+		v := new(T)
+		if err := json.Unmarshal(doc, v); err != nil {
+			return nil, fmt.Errorf("decode %s: %w", what, err)
 		}
-		out = append(out, &j)
+		out = append(out, v)
 	}
 	return out, rows.Err()
 }
