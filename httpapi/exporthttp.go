@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"compress/gzip"
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -106,15 +107,33 @@ func (s *Server) allowKickOff(name string) bool {
 	return l.Allow()
 }
 
-// throttled counts polls that come sooner than half of Retry-After; after
-// PollBurst of them in a row the client gets 429.
+// throttled reports whether a status poll comes too soon: polls sooner than
+// half of the Retry-After this job last advertised count as early, and after
+// PollBurst of them in a row the client gets 429. The time of the previous
+// answer (not of the previous request) is what counts, so a poll held by
+// Prefer: wait is not early when the next one follows it at once.
 func (s *Server) throttled(job string) bool {
 	if s.cfg.PollBurst < 0 {
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := time.Now()
+	p := s.polls[job]
+	if p == nil {
+		return false
+	}
+	if time.Since(p.last) < p.retry/2 {
+		p.early++
+	} else {
+		p.early = 0
+	}
+	return p.early > s.cfg.PollBurst
+}
+
+// answered records that a status answer advising retry went out for job.
+func (s *Server) answered(job string, retry time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	p := s.polls[job]
 	if p == nil {
 		if len(s.polls) > 10_000 {
@@ -122,13 +141,82 @@ func (s *Server) throttled(job string) bool {
 		}
 		p = &pollState{}
 		s.polls[job] = p
-	} else if now.Sub(p.last) < time.Duration(s.cfg.RetryAfter)*time.Second/2 {
-		p.early++
-	} else {
-		p.early = 0
 	}
-	p.last = now
-	return p.early > s.cfg.PollBurst
+	p.last, p.retry = time.Now(), retry
+}
+
+// maxPreferWait caps RFC 7240 Prefer: wait on status polls, so a held poll
+// stays well inside common proxy and client timeouts.
+const maxPreferWait = 30 * time.Second
+
+// preferWait returns the wait=N preference of the request's Prefer headers
+// (0 when absent or malformed: the preference is optional, so a bad value
+// is ignored as RFC 7240 §2 asks), capped at maxPreferWait.
+func preferWait(r *http.Request) time.Duration {
+	for _, h := range r.Header.Values("Prefer") {
+		for _, pref := range strings.Split(h, ",") {
+			k, v, ok := strings.Cut(strings.TrimSpace(pref), "=")
+			if !ok || !strings.EqualFold(strings.TrimSpace(k), "wait") {
+				continue
+			}
+			n, err := strconv.Atoi(strings.Trim(strings.TrimSpace(v), `"`))
+			if err != nil || n <= 0 {
+				return 0
+			}
+			return min(time.Duration(n)*time.Second, maxPreferWait)
+		}
+	}
+	return 0
+}
+
+// holdPoll waits, for up to d, until job j has finished, and returns the
+// job as last read; an error when it was cancelled (or removed) meanwhile.
+// Workers may run in other processes, so the store is re-read rather than
+// waiting on an in-process signal.
+func (s *Server) holdPoll(ctx context.Context, j *kiln.Job, d time.Duration) (*kiln.Job, error) {
+	if d <= 0 || j.Finished() {
+		return j, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	tick := time.NewTicker(pollHoldInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return j, nil
+		case <-tick.C:
+		}
+		nj, err := s.exports.Job(ctx, j.ID)
+		if kiln.ErrorCode(err) == kiln.ENOTFOUND {
+			return nil, err
+		}
+		if err != nil {
+			return j, nil // unreadable for now (or the wait ran out): answer with what we know
+		}
+		if j = nj; j.Finished() {
+			return j, nil
+		}
+	}
+}
+
+// pollHoldInterval is how often a held poll re-reads its job: one indexed
+// row, so often enough that a held poll answers within a few percent of a
+// one-second export's end.
+const pollHoldInterval = 50 * time.Millisecond
+
+// statusRetryAfter is the Retry-After, in whole seconds, for a job pct%
+// done after running for elapsed: the time the job needs at its rate so
+// far, so that a client that honours it comes back about when the export
+// is done, never more than base and never less than a second. Without
+// progress yet, base.
+func statusRetryAfter(base int, pct int, elapsed time.Duration) int {
+	if pct <= 0 || pct >= 100 || elapsed <= 0 {
+		return base
+	}
+	left := elapsed * time.Duration(100-pct) / time.Duration(pct)
+	secs := int((left + time.Second - 1) / time.Second)
+	return max(1, min(base, secs))
 }
 
 func (s *Server) forgetPolls(job string) {
@@ -185,7 +273,6 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	retry := strconv.Itoa(s.cfg.RetryAfter)
 	page := 1
 	if v := r.URL.Query().Get("page"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -195,18 +282,28 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 		}
 		page = n
 	}
-	switch j.State {
-	case kiln.JobAccepted, kiln.JobInProgress:
+	if !j.Finished() {
 		if s.throttled(id) {
+			retry := strconv.Itoa(s.cfg.RetryAfter)
 			w.Header().Set("Retry-After", retry)
 			writeOutcome(w, http.StatusTooManyRequests, "error", "throttled", fmt.Sprintf("polling too often: wait %s seconds between status requests", retry))
 			return
 		}
-		w.Header().Set("Retry-After", retry)
-		progress := string(j.State)
-		if j.State == kiln.JobInProgress {
-			progress = fmt.Sprintf("in-progress (%d%%)", s.exports.Progress(r.Context(), j))
+		if j, err = s.holdPoll(r.Context(), j, preferWait(r)); err != nil {
+			s.writeError(w, r, err)
+			return
 		}
+	}
+	switch j.State {
+	case kiln.JobAccepted, kiln.JobInProgress:
+		progress, retry := string(j.State), s.cfg.RetryAfter
+		if j.State == kiln.JobInProgress {
+			pct := s.exports.Progress(r.Context(), j)
+			progress = fmt.Sprintf("in-progress (%d%%)", pct)
+			retry = statusRetryAfter(s.cfg.RetryAfter, pct, time.Since(j.Created))
+		}
+		s.answered(id, time.Duration(retry)*time.Second)
+		w.Header().Set("Retry-After", strconv.Itoa(retry))
 		w.Header().Set("X-Progress", progress)
 		if j.Request.AllowPartialManifests {
 			// Bulk Data v3: the files written so far, as fixed manifest pages.

@@ -84,7 +84,8 @@ type Server struct {
 }
 
 type pollState struct {
-	last  time.Time
+	last  time.Time     // when the last status answer went out
+	retry time.Duration // the Retry-After it advertised
 	early int
 }
 
