@@ -52,3 +52,17 @@ func TestRowsErrorsNameColumn(t *testing.T) {
 		t.Fatalf("another type: %v %v", rows, err)
 	}
 }
+
+// TestWhereMustBeOneBoolean: a where giving several values is refused, not
+// judged by its first.
+func TestWhereMustBeOneBoolean(t *testing.T) {
+	v, err := Parse([]byte(`{"resource":"Patient","where":[{"path":"name.exists()"},{"path":"(name.family = 'x') | true"}],"select":[{"column":[{"name":"id","path":"id"}]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = v.Rows(map[string]any{"resourceType": "Patient", "id": "a", "name": []any{map[string]any{"family": "y"}}})
+	var e *kiln.Error
+	if !errors.As(err, &e) || e.Expression[0] != "ViewDefinition.where[1].path" {
+		t.Fatalf("got %v", err)
+	}
+}
