@@ -146,6 +146,8 @@ func (s *Server) routes() {
 	h("DELETE "+b+"/$export/{job}", s.exportCancel)
 	h("GET "+b+"/$export/{job}/file/{name}", s.exportFile)
 
+	h("POST "+b+"/ViewDefinition/$viewdefinition-run", s.viewRun)
+
 	h("POST "+b+"/{$}", s.bundle)
 	h("POST "+b, s.bundle)
 	h("GET "+b+"/{type}", s.search)
