@@ -181,6 +181,15 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 	if err == nil && !readable(principal(r), typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 	}
+	if kiln.ErrorCode(err) == kiln.EGONE {
+		// 410 only to a caller who could read the record before its deletion:
+		// to anyone else a deleted record is as unknown as one never written.
+		if last, lerr := s.lastBody(r.Context(), typ, id); lerr != nil {
+			err = lerr
+		} else if last == nil || !readable(principal(r), typ, last) {
+			err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
+		}
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -275,14 +284,9 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) {
 	}
 	versions, err := s.store.History(r.Context(), typ, id)
 	if err == nil {
-		// A record is visible by the tags of its newest version that has a body.
-		for _, v := range versions {
-			if !v.Deleted {
-				if !readable(principal(r), typ, v.Body) {
-					err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
-				}
-				break
-			}
+		versions = readableHistory(principal(r), typ, versions)
+		if len(versions) == 0 {
+			err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 		}
 	}
 	if err != nil {

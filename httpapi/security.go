@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/kiln-fhir/kiln"
@@ -126,7 +127,10 @@ func accessCodes(body []byte) []string {
 }
 
 // authorizeWrite checks a write: the type scope, the access codes the new
-// version carries, and that the current version (if any) is the writer's.
+// version carries, and that the record as it stands (its last version with a
+// body, so a deleted record keeps its tenant) is the writer's to change.
+// A record the writer may not see answers 404, whether it is live, deleted
+// or another tenant's, so that a write reveals nothing a read would not.
 func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if s.cfg.Verifier == nil {
 		return nil // no authentication: the anonymous principal may write anything
@@ -135,14 +139,89 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if !p.CanWrite(w.Type) {
 		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
 	}
-	if w.Kind != kiln.Delete && !p.CanTag(w.AccessCodes) {
-		return auth.Forbidden("the token may not write records tagged %v (%s)", w.AccessCodes, kiln.AccessSystem)
+	if w.Kind != kiln.Delete {
+		if !p.CanTag(w.AccessCodes) {
+			return auth.Forbidden("the token may not write records tagged %v (%s)", w.AccessCodes, kiln.AccessSystem)
+		}
+		if len(w.AccessCodes) == 0 && tenantBound(p) {
+			return kiln.Invalid("meta.security", "a record written with a tenant-limited token must carry one of its access codes (%s)", kiln.AccessSystem)
+		}
 	}
-	cur, err := s.store.Read(r.Context(), w.Type, w.ID)
-	if err == nil && !visible(p, cur.Body) {
-		return auth.Forbidden("the token may not change %s/%s", w.Type, w.ID)
+	before, err := s.lastBody(r.Context(), w.Type, w.ID)
+	if err != nil {
+		return err
+	}
+	if before == nil {
+		return nil // a new record
+	}
+	if !visible(p, before) {
+		return kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", w.Type, w.ID)
+	}
+	if codes := accessCodes(before); !p.CanTag(codes) {
+		return auth.Forbidden("the token may not change records tagged %v (%s): it needs write access to each", codes, kiln.AccessSystem)
 	}
 	return nil
+}
+
+// readableHistory keeps the versions (newest first) that p may read: each
+// version with a body is judged by its own tags and p's filters, and a
+// deletion by the version it deleted. A record re-tagged between tenants
+// shows each tenant only its own versions.
+func readableHistory(p *auth.Principal, typ string, versions []kiln.Resource) []kiln.Resource {
+	out := versions[:0:0]
+	for i, v := range versions {
+		if !v.Deleted {
+			if readable(p, typ, v.Body) {
+				out = append(out, v)
+			}
+			continue
+		}
+		for _, older := range versions[i+1:] {
+			if !older.Deleted {
+				if readable(p, typ, older.Body) {
+					out = append(out, v)
+				}
+				break
+			}
+		}
+	}
+	return out
+}
+
+// tenantBound reports whether p writes under a tenant limit: it holds
+// access/ scopes, none of them for every tenant.
+func tenantBound(p *auth.Principal) bool {
+	return p.HasAccessScope && !slices.Contains(p.AccessWrite, "*")
+}
+
+// lastBody returns the body of the record's newest version that has one
+// (the current version, or the one before its deletion); nil when the
+// record never existed.
+func (s *Server) lastBody(ctx context.Context, typ, id string) ([]byte, error) {
+	cur, err := s.store.Read(ctx, typ, id)
+	if err == nil {
+		return cur.Body, nil
+	}
+	switch kiln.ErrorCode(err) {
+	case kiln.ENOTFOUND:
+		return nil, nil
+	case kiln.EGONE:
+	default:
+		return nil, err
+	}
+	versions, err := s.store.History(ctx, typ, id)
+	if kiln.ErrorCode(err) == kiln.ENOTFOUND {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range versions {
+		if !v.Deleted && v.Body != nil {
+			return v.Body, nil
+		}
+	}
+	return nil, nil
 }
 
 // failureReason buckets a token rejection for the metric label.

@@ -365,9 +365,17 @@ func TestDiskFullDuringExport(t *testing.T) {
 	if code, _ := awaitExport(t, loc, time.Second); code != 500 {
 		t.Fatalf("failed export later answers %d", code)
 	}
+	// The job is marked failed first (so that no unit finishes it), then its
+	// running units stop and its files go: wait for that, not for a guess.
 	jobFolder := filepath.Join(data, "exports", filepath.Base(loc))
-	if _, err := os.Stat(jobFolder); !os.IsNotExist(err) {
-		t.Errorf("the failed export's folder is still there: %v", err)
+	for deadline := time.Now().Add(45 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, err := os.Stat(jobFolder)
+		if os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the failed export's folder is still there 45 s after the failure: %v", err)
+		}
 	}
 	// The store's log may keep a little; the export's megabytes are back.
 	after := freeBytes(t, data)
