@@ -3,13 +3,48 @@ package kiln
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"slices"
 	"time"
 )
 
 // AccessSystem is the meta.security coding system whose codes name the tenants
 // that may see a record; access/<code>.read scopes select by it.
 const AccessSystem = "https://www.icanbwell.com/access"
+
+// AccessCodesOf returns the AccessSystem codes in a resource body's
+// meta.security: the tenants of that version.
+func AccessCodesOf(body []byte) []string {
+	var m struct {
+		Meta struct {
+			Security []struct{ System, Code string }
+		}
+	}
+	json.Unmarshal(body, &m) // a stored body is valid JSON; anything else has no codes
+	var out []string
+	for _, s := range m.Meta.Security {
+		if s.System == AccessSystem {
+			out = append(out, s.Code)
+		}
+	}
+	return out
+}
+
+// TaggedFor reports whether a resource version belongs to one of the
+// tenants codes (nil: no tenant filter). Stores use it on versions whose
+// tags the access index does not hold: the index follows the current version.
+func TaggedFor(codes []string, body []byte) bool {
+	if codes == nil {
+		return true
+	}
+	for _, c := range AccessCodesOf(body) {
+		if slices.Contains(codes, c) {
+			return true
+		}
+	}
+	return false
+}
 
 // Resource is one stored version of a FHIR resource.
 type Resource struct {

@@ -110,21 +110,7 @@ func visible(p *auth.Principal, body []byte) bool {
 	return p.CanSee(accessCodes(body))
 }
 
-func accessCodes(body []byte) []string {
-	var m struct {
-		Meta struct {
-			Security []struct{ System, Code string }
-		}
-	}
-	json.Unmarshal(body, &m)
-	var out []string
-	for _, s := range m.Meta.Security {
-		if s.System == kiln.AccessSystem {
-			out = append(out, s.Code)
-		}
-	}
-	return out
-}
+func accessCodes(body []byte) []string { return kiln.AccessCodesOf(body) }
 
 // authorizeWrite checks a write: the type scope, the access codes the new
 // version carries, and that the record as it stands (its last version with a

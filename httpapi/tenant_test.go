@@ -146,3 +146,56 @@ func TestReadOnlyTenantAccessCannotChangeData(t *testing.T) {
 		t.Errorf("A deletes its record: %d %s", res.StatusCode, res.body)
 	}
 }
+
+// TestExportJudgesTheSnapshotVersion: an export holds each record as of its
+// transactionTime, and judges that version's tags, not the current ones. A
+// record of tenant B re-tagged to tenant A while A's and B's exports wait
+// stays out of A's export and in B's, at system and Patient level.
+func TestExportJudgesTheSnapshotVersion(t *testing.T) {
+	r := newAuthEnv(t, envOpts{noWorkers: true})
+	admin := bearer(r.token(t, "admin", "system/*.* access/*.*"))
+	a := r.token(t, "alice", "system/*.read access/tenantA.read")
+	b := r.token(t, "bob", "system/*.read access/tenantB.read")
+	patient := `{"resourceType":"Patient","id":"p","meta":{"security":[` +
+		fmt.Sprintf(`{"system":%q,"code":"tenantA"},{"system":%q,"code":"tenantB"}`, kiln.AccessSystem, kiln.AccessSystem) + `]}}`
+	obsFor := func(marker, tenant string) []byte {
+		return []byte(fmt.Sprintf(`{"resourceType":"Observation","id":"x","status":"final","code":{"text":%q},"subject":{"reference":"Patient/p"},"meta":{"security":[{"system":%q,"code":%q}]}}`,
+			marker, kiln.AccessSystem, tenant))
+	}
+	if res := r.do("PUT", "/Patient/p", []byte(patient), admin...); res.StatusCode != 201 {
+		t.Fatalf("patient: %d %s", res.StatusCode, res.body)
+	}
+	if res := r.do("PUT", "/Observation/x", obsFor("secret-of-B", "tenantB"), admin...); res.StatusCode != 201 {
+		t.Fatalf("observation: %d %s", res.StatusCode, res.body)
+	}
+	type kick struct {
+		tok, path, loc string
+		wantB          bool
+	}
+	var kicks []kick
+	for _, path := range []string{"/$export?_type=Observation", "/Patient/$export?_type=Observation"} {
+		kicks = append(kicks, kick{a, path, r.kickOff("GET", path, nil, bearer(a)...), false},
+			kick{b, path, r.kickOff("GET", path, nil, bearer(b)...), true})
+	}
+	// After the snapshot, the record moves to tenant A.
+	if res := r.do("PUT", "/Observation/x", obsFor("now-of-A", "tenantA"), admin...); res.StatusCode != 200 {
+		t.Fatalf("re-tag: %d %s", res.StatusCode, res.body)
+	}
+	r.startWorkers()
+	for _, k := range kicks {
+		m := r.mustCompleteAuth(k.loc, k.tok)
+		var all strings.Builder
+		for _, it := range m.Output {
+			for _, l := range r.linesAuth(it.URL, k.tok) {
+				all.Write(l)
+			}
+		}
+		got := all.String()
+		if strings.Contains(got, "now-of-A") {
+			t.Errorf("%s: an export holds a version newer than its snapshot: %s", k.path, got)
+		}
+		if k.wantB != strings.Contains(got, "secret-of-B") {
+			t.Errorf("%s for tenant B=%v: export %q, want B's version only in B's", k.path, k.wantB, got)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -111,15 +112,16 @@ func (db *DB) scanRange(ctx context.Context, q kiln.ScanQuery, fn func([]byte) e
 	if q.To != (kiln.Cursor{}) {
 		return nil
 	}
-	args := []any{q.Type, w.snap, w.since, w.until}
-	acc := accessCond(q.AccessCodes, "r.rid", &args)
+	// Judged by the tags of the version as of the snapshot: the access index
+	// follows the current version.
 	rows, err := db.pool.Query(ctx, `SELECT h.body FROM resources r JOIN history h ON h.type=r.type AND h.id=r.id
-		WHERE r.type=$1 AND r.lu > $2 AND NOT h.deleted AND h.lu > $3 AND h.lu <= $4`+acc+`
-		AND h.version=(SELECT max(h2.version) FROM history h2 WHERE h2.type=r.type AND h2.id=r.id AND h2.lu <= $2)`, args...)
+		WHERE r.type=$1 AND r.lu > $2 AND NOT h.deleted AND h.lu > $3 AND h.lu <= $4
+		AND h.version=(SELECT max(h2.version) FROM history h2 WHERE h2.type=r.type AND h2.id=r.id AND h2.lu <= $2)`,
+		q.Type, w.snap, w.since, w.until)
 	if err != nil {
 		return fmt.Errorf("postgres: scan %s changed since snapshot: %w", q.Type, err)
 	}
-	return eachRaw(rows, fn)
+	return eachRaw(rows, taggedOnly(q.AccessCodes, fn))
 }
 
 func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
@@ -146,8 +148,14 @@ func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
 }
 
 func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []string, fn func([]byte) error) error {
+	// The access index judges rows unchanged since the snapshot; a row
+	// changed after it is read below as of the snapshot, by that version's tags.
 	args := []any{rids}
-	acc := accessCond(codes, "r.rid", &args)
+	acc := ""
+	if codes != nil {
+		args = append(args, w.snap)
+		acc = " AND (r.lu > $2 OR " + strings.TrimPrefix(accessCond(codes, "r.rid", &args), " AND ") + ")"
+	}
 	rows, err := db.pool.Query(ctx, `SELECT r.body, r.type, r.id, r.lu, r.deleted FROM resources r
 		WHERE r.rid = ANY($1::bigint[])`+acc+` ORDER BY r.rid`, args...)
 	if err != nil {
@@ -186,7 +194,20 @@ func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []stri
 	if err != nil {
 		return fmt.Errorf("postgres: read as of snapshot: %w", err)
 	}
-	return eachRaw(rows, fn)
+	return eachRaw(rows, taggedOnly(codes, fn))
+}
+
+// taggedOnly passes on to fn the bodies tagged for one of codes.
+func taggedOnly(codes []string, fn func([]byte) error) func([]byte) error {
+	if codes == nil {
+		return fn
+	}
+	return func(body []byte) error {
+		if !kiln.TaggedFor(codes, body) {
+			return nil
+		}
+		return fn(body)
+	}
 }
 
 // SplitType implements kiln.ExportReader.

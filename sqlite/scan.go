@@ -97,16 +97,29 @@ func (db *DB) scanRange(ctx context.Context, q kiln.ScanQuery, fn func([]byte) e
 	if q.To != (kiln.Cursor{}) {
 		return nil
 	}
-	// Resources changed since the snapshot: their version as of the snapshot.
-	acc, accArgs = accessCond(q.AccessCodes, "r.rid")
+	// Resources changed since the snapshot: their version as of the snapshot,
+	// judged by that version's own tags (the access index follows the current one).
 	rows, err := db.read.QueryContext(ctx, `SELECT h.body FROM resources r JOIN history h ON h.type=r.type AND h.id=r.id
-		WHERE r.type=? AND r.lu > ? AND h.deleted=0 AND h.lu > ? AND h.lu <= ?`+acc+`
+		WHERE r.type=? AND r.lu > ? AND h.deleted=0 AND h.lu > ? AND h.lu <= ?
 		AND h.version=(SELECT max(h2.version) FROM history h2 WHERE h2.type=r.type AND h2.id=r.id AND h2.lu <= ?)`,
-		append(append([]any{q.Type, w.snap, w.since, w.until}, accArgs...), w.snap)...)
+		q.Type, w.snap, w.since, w.until, w.snap)
 	if err != nil {
 		return fmt.Errorf("scan %s changed since snapshot: %w", q.Type, err)
 	}
-	return eachBody(rows, fn)
+	return eachBody(rows, taggedOnly(q.AccessCodes, fn))
+}
+
+// taggedOnly passes on to fn the bodies tagged for one of codes.
+func taggedOnly(codes []string, fn func([]byte) error) func([]byte) error {
+	if codes == nil {
+		return fn
+	}
+	return func(body []byte) error {
+		if !kiln.TaggedFor(codes, body) {
+			return nil
+		}
+		return fn(body)
+	}
 }
 
 func (db *DB) page(ctx context.Context, query string, args []any, fn func([]byte) error) (int, kiln.Cursor, error) {
@@ -185,7 +198,13 @@ func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []stri
 	for i, r := range rids {
 		args[i] = r
 	}
+	// The access index judges rows unchanged since the snapshot; a row
+	// changed after it is read below as of the snapshot, by that version's tags.
 	acc, accArgs := accessCond(codes, "r.rid")
+	if acc != "" {
+		acc = " AND (r.lu > ? OR " + strings.TrimPrefix(acc, " AND ") + ")"
+		accArgs = append([]any{w.snap}, accArgs...)
+	}
 	rows, err := db.read.QueryContext(ctx, `SELECT r.type, r.id, r.lu, r.deleted, r.body FROM resources r
 		WHERE r.rid IN (`+placeholders(len(rids))+`)`+acc+` ORDER BY r.rid`, append(args, accArgs...)...)
 	if err != nil {
@@ -226,7 +245,7 @@ func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []stri
 		if err != nil {
 			return fmt.Errorf("read %s/%s as of snapshot: %w", ref.Type, ref.ID, err)
 		}
-		if err := eachBody(rows, fn); err != nil {
+		if err := eachBody(rows, taggedOnly(codes, fn)); err != nil {
 			return err
 		}
 	}
