@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -67,6 +68,8 @@ func TestEval(t *testing.T) {
 		{"name.exists(family = 'Ng')", "[true]"},
 		{"iif(active, 'yes', 'no')", "[yes]"},
 		{"name.given.skip(1).take(1)", "[B]"},
+		{"repeat($this).count()", "[1]"},
+		{"name.repeat(given).count()", "[3]"},
 		{"'ABC' ~ 'abc'", "[true]"},
 		{"1.0 = 1", "[true]"},
 		{"birthDate.highBoundary()", "[1970-06-02]"},
@@ -93,6 +96,10 @@ func TestEval(t *testing.T) {
 }
 
 func TestParseErrors(t *testing.T) {
+	deep := strings.Repeat("(", 100000) + "1" + strings.Repeat(")", 100000)
+	if _, err := Parse(deep); err == nil || !strings.Contains(err.Error(), "nested") {
+		t.Errorf("100000 nested parentheses: %v", err)
+	}
 	for _, s := range []string{"@@", "name.", "name[0", "nosuch()", "first(1)", "'open", "a +", "(a", "a ^ b"} {
 		if _, err := Parse(s); err == nil {
 			t.Errorf("%q parsed", s)

@@ -13,6 +13,9 @@ type function struct {
 	fn               func(c *ctx, n *node, in []Item) ([]Item, error)
 }
 
+// maxRepeat bounds what repeat() collects.
+const maxRepeat = 100_000
+
 // funcs are the supported functions; see Functions.
 var funcs map[string]function
 
@@ -163,14 +166,26 @@ func init() {
 			return out, err
 		}},
 		"repeat": {1, 1, func(c *ctx, n *node, in []Item) ([]Item, error) {
+			// Items already found are not followed again, so repeat($this)
+			// and cycles through %resource end.
 			var out []Item
 			for len(in) > 0 {
 				var next []Item
-				err := c.each(n, in, func(_ Item, v []Item) error { next = append(next, v...); return nil })
+				err := c.each(n, in, func(_ Item, v []Item) error {
+					for _, it := range v {
+						if len(union(out, []Item{it})) > len(out) {
+							out = append(out, it)
+							next = append(next, it)
+						}
+					}
+					if len(out) > maxRepeat {
+						return evalErr(n, "repeat() found more than %d items", maxRepeat)
+					}
+					return nil
+				})
 				if err != nil {
 					return nil, err
 				}
-				out = append(out, next...)
 				in = next
 			}
 			return out, nil

@@ -238,10 +238,15 @@ type node struct {
 }
 
 type parser struct {
-	src  string
-	toks []token
-	i    int
+	src   string
+	toks  []token
+	i     int
+	depth int
 }
+
+// maxDepth bounds nesting, so that a hostile expression cannot exhaust the
+// stack (a Go stack overflow is fatal, not a recoverable panic).
+const maxDepth = 200
 
 func (p *parser) peek() token { return p.toks[p.i] }
 func (p *parser) next() token { t := p.toks[p.i]; p.i++; return t }
@@ -287,6 +292,11 @@ func infixPower(t token) int {
 }
 
 func (p *parser) expr(minPower int) (*node, error) {
+	p.depth++
+	defer func() { p.depth-- }()
+	if p.depth > maxDepth {
+		return nil, p.fail(p.peek(), "expression nested more than %d deep", maxDepth)
+	}
 	left, err := p.prefix()
 	if err != nil {
 		return nil, err

@@ -99,7 +99,7 @@ func parseViewRun(r *http.Request, body []byte) (*viewRunRequest, error) {
 		case "_format":
 			f, ok := view.Formats[strings.ToLower(s)]
 			if !ok {
-				return nil, kiln.Invalid(p.at, "_format %q is not one of csv, ndjson, json", s)
+				return nil, kiln.Invalid(p.at, "_format %q is not one of csv, ndjson, json, parquet", s)
 			}
 			req.format = f
 		case "_limit":
@@ -202,13 +202,17 @@ scan:
 				fail(fmt.Errorf("decode %s/%s: %w", typ, res.ID, err))
 				return
 			}
-			rs, err := req.view.Rows(m)
-			if err != nil {
+			// A row error names the resource it came from.
+			located := func(err error) error {
 				var e *kiln.Error
 				if errors.As(err, &e) {
 					e.Message = fmt.Sprintf("%s/%s: %s", typ, res.ID, e.Message)
 				}
-				fail(err)
+				return err
+			}
+			rs, err := req.view.Rows(m)
+			if err != nil {
+				fail(located(err))
 				return
 			}
 			for _, row := range rs {
@@ -216,7 +220,7 @@ scan:
 					break scan
 				}
 				if err := vw.Write(row); err != nil {
-					fail(err)
+					fail(located(err))
 					return
 				}
 				rows++

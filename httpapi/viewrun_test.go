@@ -70,11 +70,20 @@ func TestViewRun(t *testing.T) {
 		t.Errorf("no rows: %d %s", res.StatusCode, res.body)
 	}
 
+	// parquet: the file (DuckDB reads it back in view's TestParquetReadByDuckDB).
+	res = e.do("POST", run+"?_format=parquet", runParams(obsView))
+	if res.StatusCode != 200 || res.Header.Get("Content-Type") != "application/vnd.apache.parquet" ||
+		!bytes.HasPrefix(res.body, []byte("PAR1")) || !bytes.HasSuffix(res.body, []byte("PAR1")) {
+		t.Errorf("parquet: %d %s %.40q", res.StatusCode, res.Header.Get("Content-Type"), res.body)
+	}
+
 	for _, tc := range []struct {
 		name string
 		body []byte
 		at   string
 	}{
+		{"text in an integer Parquet column", runParams(`{"resource":"Patient","select":[{"column":[{"name":"x","path":"id","type":"integer"}]}]}`,
+			`{"name":"_format","valueCode":"parquet"}`), "ViewDefinition.select[0].column[0].type"},
 		{"bad path", runParams(`{"resource":"Patient","select":[{"column":[{"name":"x","path":"name.("}]}]}`), "ViewDefinition.select[0].column[0].path"},
 		{"no resource", runParams(`{"select":[{"column":[{"name":"x","path":"id"}]}]}`), "ViewDefinition.resource"},
 		{"not an R4 type", runParams(`{"resource":"Frobnitz","select":[{"column":[{"name":"x","path":"id"}]}]}`), "ViewDefinition.resource"},

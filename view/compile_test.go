@@ -66,3 +66,16 @@ func TestWhereMustBeOneBoolean(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// TestRepeatThatDoesNotDescend: repeat on $this is an error, not endless recursion.
+func TestRepeatThatDoesNotDescend(t *testing.T) {
+	v, err := Parse([]byte(`{"resource":"Patient","select":[{"repeat":["$this"],"column":[{"name":"id","path":"id"}]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = v.Rows(map[string]any{"resourceType": "Patient", "id": "a"})
+	var e *kiln.Error
+	if !errors.As(err, &e) || e.Expression[0] != "ViewDefinition.select[0].repeat[0]" {
+		t.Fatalf("got %v", err)
+	}
+}

@@ -21,10 +21,11 @@ var Formats = map[string]string{
 	"csv": "csv", "text/csv": "csv",
 	"ndjson": "ndjson", "application/x-ndjson": "ndjson", "application/ndjson": "ndjson", "application/fhir+ndjson": "ndjson",
 	"json": "json", "application/json": "json",
+	"parquet": "parquet", "application/vnd.apache.parquet": "parquet",
 }
 
 // ContentType is the media type of each format.
-var ContentType = map[string]string{"csv": "text/csv", "ndjson": "application/x-ndjson", "json": "application/json"}
+var ContentType = map[string]string{"csv": "text/csv", "ndjson": "application/x-ndjson", "json": "application/json", "parquet": "application/vnd.apache.parquet"}
 
 // NewWriter returns a Writer of format (a value of Formats) for the columns
 // cols. header asks for CSV's header line.
@@ -48,6 +49,8 @@ func NewWriter(format string, w io.Writer, cols []Column, header bool) (Writer, 
 			keys[i], _ = json.Marshal(c.Name)
 		}
 		return &jsonWriter{w: w, keys: keys, array: format == "json"}, nil
+	case "parquet":
+		return newParquetWriter(w, cols)
 	}
 	return nil, fmt.Errorf("view: unknown output format %q", format)
 }

@@ -444,7 +444,7 @@ func (v *View) eval(s *selection, focus fhirpath.Item, rowIndex int) ([][]cell, 
 		foci = out
 	case len(s.repeat) > 0:
 		var err error
-		if foci, err = v.repeat(s, focus, nil); err != nil {
+		if foci, err = v.repeat(s, focus, nil, 0); err != nil {
 			return nil, err
 		}
 	default:
@@ -495,9 +495,16 @@ func (v *View) eval(s *selection, focus fhirpath.Item, rowIndex int) ([][]cell, 
 	return rows, nil
 }
 
+// maxRepeatDepth bounds the nesting a view's repeat follows.
+const maxRepeatDepth = 1000
+
 // repeat collects, depth first, every item reached from focus by applying
 // the repeat paths again and again (focus itself excluded).
-func (v *View) repeat(s *selection, focus fhirpath.Item, out []fhirpath.Item) ([]fhirpath.Item, error) {
+func (v *View) repeat(s *selection, focus fhirpath.Item, out []fhirpath.Item, depth int) ([]fhirpath.Item, error) {
+	// A path that does not descend ($this, %resource) would recurse for ever.
+	if depth > maxRepeatDepth {
+		return nil, kiln.Invalid(s.repeat[0].at, "repeat went more than %d levels deep; its paths must lead to child elements", maxRepeatDepth)
+	}
 	for _, p := range s.repeat {
 		kids, err := p.expr.Eval([]fhirpath.Item{focus}, &fhirpath.Env{Constants: v.consts})
 		if err != nil {
@@ -505,7 +512,7 @@ func (v *View) repeat(s *selection, focus fhirpath.Item, out []fhirpath.Item) ([
 		}
 		for _, k := range kids {
 			out = append(out, k)
-			if out, err = v.repeat(s, k, out); err != nil {
+			if out, err = v.repeat(s, k, out, depth+1); err != nil {
 				return nil, err
 			}
 		}
