@@ -128,3 +128,32 @@ func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
 		t.Fatalf("%d of %d Patients readable", lines, patients)
 	}
 }
+
+type failingHeartbeat struct{ kiln.JobStore }
+
+func (failingHeartbeat) HeartbeatUnit(context.Context, *kiln.Unit, time.Duration) (bool, error) {
+	return false, fmt.Errorf("store unreachable")
+}
+
+// TestHeartbeatErrorsLoseTheClaim: heartbeats that only fail must not keep a
+// unit running forever; once none succeeded for a whole lease the store may
+// have handed the unit on, so the worker gives it up.
+func TestHeartbeatErrorsLoseTheClaim(t *testing.T) {
+	lease := 150 * time.Millisecond
+	// The clock moves a lease per reading, so the second failure is a lease
+	// after the start: the outcome does not depend on the ticker's timing.
+	var now time.Time
+	clock := func() time.Time { now = now.Add(lease); return now }
+	s := New(nil, failingHeartbeat{}, nil, Config{Lease: lease, Now: clock, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lost := make(chan struct{})
+	done := make(chan struct{})
+	go func() { defer close(done); s.heartbeat(ctx, &kiln.Unit{Job: "j", Seq: 1, Attempts: 1}, func() { close(lost) }) }()
+	select {
+	case <-lost:
+	case <-ctx.Done():
+		t.Fatal("heartbeats kept failing and the claim was never given up")
+	}
+	<-done
+}
