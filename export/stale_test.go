@@ -149,7 +149,10 @@ func TestHeartbeatErrorsLoseTheClaim(t *testing.T) {
 	defer cancel()
 	lost := make(chan struct{})
 	done := make(chan struct{})
-	go func() { defer close(done); s.heartbeat(ctx, &kiln.Unit{Job: "j", Seq: 1, Attempts: 1}, func() { close(lost) }) }()
+	go func() {
+		defer close(done)
+		s.heartbeat(ctx, &kiln.Unit{Job: "j", Seq: 1, Attempts: 1}, func() { close(lost) })
+	}()
 	select {
 	case <-lost:
 	case <-ctx.Done():
