@@ -585,14 +585,16 @@ func (s *Service) reclaim(ctx context.Context) {
 	})
 }
 
-// heartbeat keeps a unit's lease while it runs; when the claim is lost the
-// unit stops, and whoever holds it now does the work. Errors count toward
+// heartbeat keeps a unit's lease while it runs. When the claim is lost the
+// unit stops, and whoever holds it now does the work; when the job is gone
+// (cancelled or failed in any process) the unit stops too, which is how a
+// cancel reaches units running in other processes. Errors count toward
 // losing the claim: once no heartbeat has succeeded for a whole lease, the
 // store has (or may have) given the unit to another worker, so this one stops.
-func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost func()) {
+func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost, gone func()) {
 	last := s.cfg.Now()
 	every(ctx, max(s.cfg.Lease/3, 50*time.Millisecond), func() bool {
-		ok, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
+		c, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
 		if err != nil {
 			if ctx.Err() != nil {
 				return false
@@ -605,12 +607,16 @@ func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost func()) {
 			}
 			return true
 		}
-		if !ok {
+		switch c {
+		case kiln.ClaimHeld:
+			last = s.cfg.Now()
+			return true
+		case kiln.ClaimGone:
+			gone()
+		default:
 			lost()
-			return false
 		}
-		last = s.cfg.Now()
-		return true
+		return false
 	})
 }
 
@@ -718,7 +724,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 		cancel(nil)
 		s.unregister(u)
 	}()
-	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) })
+	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) }, func() { cancel(errJobGone) })
 	// Registered first, then checked: a Cancel either sees this unit running
 	// (and waits for it) or has already marked the job, which is seen here.
 	job, err := s.jobs.GetJob(ctx, u.Job)
@@ -762,6 +768,9 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	if err != nil {
 		switch context.Cause(ctx) {
 		case errJobGone:
+			// Cancelled (here or in another process, which removed the
+			// job's files already): this attempt's files, written since,
+			// go too.
 			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
 			return true
 		case errLeaseLost:

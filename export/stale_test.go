@@ -131,8 +131,8 @@ func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
 
 type failingHeartbeat struct{ kiln.JobStore }
 
-func (failingHeartbeat) HeartbeatUnit(context.Context, *kiln.Unit, time.Duration) (bool, error) {
-	return false, fmt.Errorf("store unreachable")
+func (failingHeartbeat) HeartbeatUnit(context.Context, *kiln.Unit, time.Duration) (kiln.Claim, error) {
+	return 0, fmt.Errorf("store unreachable")
 }
 
 // TestHeartbeatErrorsLoseTheClaim: heartbeats that only fail must not keep a
@@ -151,7 +151,7 @@ func TestHeartbeatErrorsLoseTheClaim(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		s.heartbeat(ctx, &kiln.Unit{Job: "j", Seq: 1, Attempts: 1}, func() { close(lost) })
+		s.heartbeat(ctx, &kiln.Unit{Job: "j", Seq: 1, Attempts: 1}, func() { close(lost) }, func() { t.Error("job gone reported on errors") })
 	}()
 	select {
 	case <-lost:
@@ -159,4 +159,41 @@ func TestHeartbeatErrorsLoseTheClaim(t *testing.T) {
 		t.Fatal("heartbeats kept failing and the claim was never given up")
 	}
 	<-done
+}
+
+// TestCancelReachesUnitsElsewhere: a unit running in a process other than
+// the one that cancelled hears "job gone" on its next heartbeat (not "lost",
+// which would leave its files behind) and stops.
+func TestCancelReachesUnitsElsewhere(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	db, err := sqlite.Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	now := time.Now().UTC()
+	if err := db.CreateJob(ctx, &kiln.Job{ID: "j", Owner: "me", State: kiln.JobInProgress, Created: now, Updated: now},
+		[]kiln.Unit{{Job: "j", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}); err != nil {
+		t.Fatal(err)
+	}
+	u, err := db.ClaimUnit(ctx, time.Minute)
+	if err != nil || u == nil {
+		t.Fatalf("claim: %v %v", u, err)
+	}
+	// The cancel, as another process's Service.Cancel records it.
+	if _, err := db.UpdateJob(ctx, "j", func(j *kiln.Job) error { j.State = kiln.JobCancelled; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	elsewhere := New(db, db, nil, Config{Lease: 150 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	heard := make(chan string, 1)
+	elsewhere.heartbeat(ctx, u, func() { heard <- "lost" }, func() { heard <- "gone" })
+	select {
+	case h := <-heard:
+		if h != "gone" {
+			t.Fatalf("the unit of a cancelled job heard %q, want gone", h)
+		}
+	default:
+		t.Fatal("the heartbeat stopped without reporting the cancel")
+	}
 }
