@@ -2,6 +2,7 @@ package kiln
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"time"
 )
@@ -141,6 +142,32 @@ type Unit struct {
 	Attempts  int      `json:"-"`
 }
 
+// Claim is what a heartbeat learns about a worker's claim of a unit.
+type Claim int
+
+const (
+	// ClaimHeld: the claim is current and its lease was extended.
+	ClaimHeld Claim = iota + 1
+	// ClaimLost: the unit's lease ran out and it was released or claimed
+	// anew; the worker stops and touches nothing of the newer attempt.
+	ClaimLost
+	// ClaimGone: the unit's job is no longer running (cancelled, failed or
+	// removed); the worker stops and drops its own attempt's files.
+	ClaimGone
+)
+
+func (c Claim) String() string {
+	switch c {
+	case ClaimHeld:
+		return "held"
+	case ClaimLost:
+		return "lost"
+	case ClaimGone:
+		return "job gone"
+	}
+	return fmt.Sprintf("claim(%d)", int(c))
+}
+
 // Part is one file a unit wrote.
 type Part struct {
 	Type  string `json:"type"`
@@ -201,8 +228,11 @@ type JobStore interface {
 	// the unit went to another worker, or its job was removed). Attempts is
 	// the fencing token: only the latest claim may finish.
 	FinishUnit(ctx context.Context, u *Unit, parts []Part) (bool, error)
-	// HeartbeatUnit extends a running unit's lease; false when the claim was lost.
-	HeartbeatUnit(ctx context.Context, u *Unit, lease time.Duration) (bool, error)
+	// HeartbeatUnit extends a running unit's lease and tells whether this
+	// claim (u.Attempts) still holds it: ClaimLost when the unit went back
+	// to pending or to a newer attempt, ClaimGone when its job is no longer
+	// running (cancelled, failed, removed).
+	HeartbeatUnit(ctx context.Context, u *Unit, lease time.Duration) (Claim, error)
 	// ReleaseUnit puts a claimed unit back to pending (it will be redone).
 	ReleaseUnit(ctx context.Context, u *Unit) error
 	// ReleaseExpired puts units whose lease ran out back to pending.

@@ -585,21 +585,38 @@ func (s *Service) reclaim(ctx context.Context) {
 	})
 }
 
-// heartbeat keeps a unit's lease while it runs; when the claim is lost the
-// unit stops, and whoever holds it now does the work.
-func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost func()) {
+// heartbeat keeps a unit's lease while it runs. When the claim is lost the
+// unit stops, and whoever holds it now does the work; when the job is gone
+// (cancelled or failed in any process) the unit stops too, which is how a
+// cancel reaches units running in other processes. Errors count toward
+// losing the claim: once no heartbeat has succeeded for a whole lease, the
+// store has (or may have) given the unit to another worker, so this one stops.
+func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost, gone func()) {
+	last := s.cfg.Now()
 	every(ctx, max(s.cfg.Lease/3, 50*time.Millisecond), func() bool {
-		ok, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
+		c, err := s.jobs.HeartbeatUnit(ctx, u, s.cfg.Lease)
 		if err != nil {
-			if ctx.Err() == nil {
-				s.log.Warn("export unit heartbeat failed", "job", u.Job, "unit", u.Seq, "err", err)
+			if ctx.Err() != nil {
+				return false
+			}
+			s.log.Warn("export unit heartbeat failed", "job", u.Job, "unit", u.Seq, "err", err)
+			if s.cfg.Now().Sub(last) >= s.cfg.Lease {
+				s.log.Warn("export unit heartbeats failed for a whole lease; giving the unit up", "job", u.Job, "unit", u.Seq)
+				lost()
+				return false
 			}
 			return true
 		}
-		if !ok {
+		switch c {
+		case kiln.ClaimHeld:
+			last = s.cfg.Now()
+			return true
+		case kiln.ClaimGone:
+			gone()
+		default:
 			lost()
 		}
-		return ok
+		return false
 	})
 }
 
@@ -707,7 +724,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 		cancel(nil)
 		s.unregister(u)
 	}()
-	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) })
+	go s.heartbeat(ctx, u, func() { cancel(errLeaseLost) }, func() { cancel(errJobGone) })
 	// Registered first, then checked: a Cancel either sees this unit running
 	// (and waits for it) or has already marked the job, which is seen here.
 	job, err := s.jobs.GetJob(ctx, u.Job)
@@ -739,8 +756,10 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	if u.Attempts > 1 {
 		s.cfg.Metrics.Unit("redone")
 	}
-	prefix := unitPrefix(u.Seq)
-	// A unit that ran before (and died) is redone from scratch.
+	prefix := unitPrefix(u)
+	// Leftovers of this very attempt (none, unless the sink replays) go
+	// first; earlier attempts' files are not touched here, since the claim
+	// may already have moved on to a newer attempt in another process.
 	if err := s.sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
 		s.failJob(job.ID, u, err)
 		return true
@@ -749,6 +768,9 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	if err != nil {
 		switch context.Cause(ctx) {
 		case errJobGone:
+			// Cancelled (here or in another process, which removed the
+			// job's files already): this attempt's files, written since,
+			// go too.
 			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
 			return true
 		case errLeaseLost:
@@ -811,7 +833,13 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	return true
 }
 
-func unitPrefix(seq int) string { return fmt.Sprintf("%06d-", seq) }
+// unitPrefix names the files of one attempt (claim) of a unit: the attempt
+// number is the unit's fencing token, so a worker whose claim went stale
+// without it noticing can only write or remove its own attempt's files,
+// never those of the unit's current owner. Finalize lists exactly the parts
+// the finishing attempt recorded, so files of abandoned attempts are never
+// served (they go with the job's other files).
+func unitPrefix(u *kiln.Unit) string { return fmt.Sprintf("%06d-a%d-", u.Seq, u.Attempts) }
 
 // failJob marks the job failed and reclaims its space: a failed export never
 // shows a partial manifest.

@@ -13,7 +13,7 @@ import (
 // execute runs one unit and returns the parts it wrote.
 func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
 	req := &job.Request
-	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u.Seq), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
+	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
 	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
 	if req.LimitTenants {

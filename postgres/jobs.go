@@ -193,13 +193,28 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 }
 
 // HeartbeatUnit implements kiln.JobStore.
-func (db *DB) HeartbeatUnit(ctx context.Context, u *kiln.Unit, lease time.Duration) (bool, error) {
-	tag, err := db.pool.Exec(ctx, `UPDATE units SET lease=`+dbNow+`+$1 WHERE job=$2 AND seq=$3 AND state=$4 AND attempts=$5`,
-		lease.Milliseconds(), u.Job, u.Seq, unitRunning, u.Attempts)
+func (db *DB) HeartbeatUnit(ctx context.Context, u *kiln.Unit, lease time.Duration) (kiln.Claim, error) {
+	// Only a unit of a running job keeps its lease: that is how a cancel
+	// in one process reaches units running in others.
+	tag, err := db.pool.Exec(ctx, `UPDATE units SET lease=`+dbNow+`+$1 WHERE job=$2 AND seq=$3 AND state=$4 AND attempts=$5
+		AND EXISTS (SELECT 1 FROM jobs j WHERE j.id=units.job AND j.state = ANY($6))`,
+		lease.Milliseconds(), u.Job, u.Seq, unitRunning, u.Attempts, []string{string(kiln.JobAccepted), string(kiln.JobInProgress)})
 	if err != nil {
-		return false, fmt.Errorf("postgres: heartbeat: %w", err)
+		return 0, fmt.Errorf("postgres: heartbeat: %w", err)
 	}
-	return tag.RowsAffected() == 1, nil
+	if tag.RowsAffected() == 1 {
+		return kiln.ClaimHeld, nil
+	}
+	// Not extended: tell a lost claim from a job that stopped running.
+	var running bool
+	if err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM jobs WHERE id=$1 AND state = ANY($2))`,
+		u.Job, []string{string(kiln.JobAccepted), string(kiln.JobInProgress)}).Scan(&running); err != nil {
+		return 0, fmt.Errorf("postgres: heartbeat: %w", err)
+	}
+	if !running {
+		return kiln.ClaimGone, nil
+	}
+	return kiln.ClaimLost, nil
 }
 
 // ReleaseUnit implements kiln.JobStore.

@@ -240,14 +240,28 @@ func (db *DB) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kiln.Part) (
 }
 
 // HeartbeatUnit implements kiln.JobStore.
-func (db *DB) HeartbeatUnit(ctx context.Context, u *kiln.Unit, lease time.Duration) (bool, error) {
-	r, err := db.exec(ctx, `UPDATE units SET lease=? WHERE job=? AND seq=? AND state=? AND attempts=?`,
-		ms(db.now().Add(lease)), u.Job, u.Seq, unitRunning, u.Attempts)
+func (db *DB) HeartbeatUnit(ctx context.Context, u *kiln.Unit, lease time.Duration) (kiln.Claim, error) {
+	// Only a unit of a running job keeps its lease: that is how a cancel
+	// in one process reaches units running in others.
+	r, err := db.exec(ctx, `UPDATE units SET lease=? WHERE job=? AND seq=? AND state=? AND attempts=?
+		AND EXISTS (SELECT 1 FROM jobs j WHERE j.id=units.job AND j.state IN (?,?))`,
+		ms(db.now().Add(lease)), u.Job, u.Seq, unitRunning, u.Attempts, string(kiln.JobAccepted), string(kiln.JobInProgress))
 	if err != nil {
-		return false, err
+		return 0, err
 	}
-	n, _ := r.RowsAffected()
-	return n == 1, nil
+	if n, _ := r.RowsAffected(); n == 1 {
+		return kiln.ClaimHeld, nil
+	}
+	// Not extended: tell a lost claim from a job that stopped running.
+	var running int
+	if err := db.read.QueryRowContext(ctx, `SELECT count(*) FROM jobs WHERE id=? AND state IN (?,?)`,
+		u.Job, string(kiln.JobAccepted), string(kiln.JobInProgress)).Scan(&running); err != nil {
+		return 0, fmt.Errorf("sqlite: heartbeat: %w", err)
+	}
+	if running == 0 {
+		return kiln.ClaimGone, nil
+	}
+	return kiln.ClaimLost, nil
 }
 
 // ReleaseUnit implements kiln.JobStore.

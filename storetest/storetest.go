@@ -477,8 +477,8 @@ func testUnits(t *testing.T, s Store) {
 	if ok, _ := s.FinishUnit(ctx, u1, nil); ok {
 		t.Fatal("a unit finished twice")
 	}
-	if ok, err := s.HeartbeatUnit(ctx, u2, time.Minute); !ok || err != nil {
-		t.Fatalf("heartbeat: %v %v", ok, err)
+	if c, err := s.HeartbeatUnit(ctx, u2, time.Minute); c != kiln.ClaimHeld || err != nil {
+		t.Fatalf("heartbeat: %v %v", c, err)
 	}
 	if err := s.ReleaseUnit(ctx, u2); err != nil {
 		t.Fatal(err)
@@ -488,8 +488,8 @@ func testUnits(t *testing.T, s Store) {
 		t.Fatalf("released unit claimed again: %+v", u4)
 	}
 	// The old claim is fenced off: it can neither heartbeat nor finish.
-	if ok, _ := s.HeartbeatUnit(ctx, u2, time.Minute); ok {
-		t.Fatal("a superseded claim kept its lease")
+	if c, err := s.HeartbeatUnit(ctx, u2, time.Minute); c != kiln.ClaimLost || err != nil {
+		t.Fatalf("a superseded claim's heartbeat: %v %v, want lost", c, err)
 	}
 	if ok, _ := s.FinishUnit(ctx, u2, nil); ok {
 		t.Fatal("a superseded claim finished the unit")
@@ -511,6 +511,11 @@ func testUnits(t *testing.T, s Store) {
 	}
 	if ok, _ := s.FinishUnit(ctx, u4, nil); ok {
 		t.Fatal("a unit of a cancelled job was recorded as done")
+	}
+	// A cancel reaches the units running in other processes through this:
+	// the current claim of a cancelled job's unit hears "job gone".
+	if c, err := s.HeartbeatUnit(ctx, u4, time.Minute); c != kiln.ClaimGone || err != nil {
+		t.Fatalf("heartbeat of a cancelled job's unit: %v %v, want job gone", c, err)
 	}
 	// A lease that runs out hands the unit back.
 	job2 := &kiln.Job{ID: "j2", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
