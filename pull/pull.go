@@ -37,6 +37,49 @@ type Request struct {
 	Elements    []string
 	Patients    []string
 	Lenient     bool
+	// Post kicks off with POST and a Parameters body (implied by Patients).
+	Post bool
+	// IncludeAssociatedData values (includeAssociatedData).
+	IncludeAssociatedData []string
+}
+
+// parametersBody is the FHIR Parameters resource for a POST kick-off,
+// holding every parameter of req.
+func parametersBody(req Request) []byte {
+	params := []map[string]any{}
+	add := func(name, key, v string) { params = append(params, map[string]any{"name": name, key: v}) }
+	if len(req.Types) > 0 {
+		add("_type", "valueString", strings.Join(req.Types, ","))
+	}
+	instant := func(v string) string {
+		if strings.Contains(v, "T") {
+			return "valueInstant"
+		}
+		return "valueDate"
+	}
+	if req.Since != "" {
+		add("_since", instant(req.Since), req.Since)
+	}
+	if req.Until != "" {
+		add("_until", instant(req.Until), req.Until)
+	}
+	if len(req.Elements) > 0 {
+		add("_elements", "valueString", strings.Join(req.Elements, ","))
+	}
+	for _, f := range req.TypeFilters {
+		add("_typeFilter", "valueString", f)
+	}
+	for _, v := range req.IncludeAssociatedData {
+		add("includeAssociatedData", "valueCode", v)
+	}
+	for _, p := range req.Patients {
+		if !strings.Contains(p, "/") {
+			p = "Patient/" + p
+		}
+		params = append(params, map[string]any{"name": "patient", "valueReference": map[string]string{"reference": p}})
+	}
+	b, _ := json.Marshal(map[string]any{"resourceType": "Parameters", "parameter": params})
+	return b
 }
 
 // Options tune a pull.
@@ -147,17 +190,12 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 		q.Add("_typeFilter", f)
 	}
 	method, body := http.MethodGet, []byte(nil)
-	if len(req.Patients) > 0 {
-		// patient is POST-only in the IG: a Parameters body.
+	if len(req.Patients) > 0 || req.Post {
+		// POST carries every parameter in the Parameters body (as the IG
+		// asks); servers that read only the body would otherwise export everything.
 		method = http.MethodPost
-		params := []map[string]any{}
-		for _, p := range req.Patients {
-			if !strings.Contains(p, "/") {
-				p = "Patient/" + p
-			}
-			params = append(params, map[string]any{"name": "patient", "valueReference": map[string]string{"reference": p}})
-		}
-		body, _ = json.Marshal(map[string]any{"resourceType": "Parameters", "parameter": params})
+		body = parametersBody(req)
+		q = url.Values{}
 	}
 	u := strings.TrimSuffix(req.Server, "/") + path
 	if len(q) > 0 {

@@ -1,6 +1,15 @@
 package pull
 
 import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+
+	"github.com/go-jose/go-jose/v4"
 	"os"
 	"path/filepath"
 	"testing"
@@ -22,5 +31,19 @@ func TestRunIDsNeverCollide(t *testing.T) {
 	}
 	if got := newRunID(dir, now.Add(time.Second)); got != "20261127T100001" {
 		t.Fatalf("next second: %q", got)
+	}
+}
+
+// TestPEMKeyGetsThumbprintKid: a PEM key without --key-id signs with the
+// RFC 7638 thumbprint as kid, never an empty one.
+func TestPEMKeyGetsThumbprintKid(t *testing.T) {
+	k, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(k)
+	path := filepath.Join(t.TempDir(), "k.pem")
+	os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+	_, kid, err := LoadKey(path)
+	tp, _ := (&jose.JSONWebKey{Key: k.Public()}).Thumbprint(crypto.SHA256)
+	if err != nil || kid == "" || kid != base64.RawURLEncoding.EncodeToString(tp) {
+		t.Fatalf("kid %q, err %v", kid, err)
 	}
 }

@@ -1,0 +1,58 @@
+package pull_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/kiln-fhir/kiln/export"
+	"github.com/kiln-fhir/kiln/pull"
+)
+
+// TestPostKickOffCarriesEveryParameterInTheBody: a strict server that reads
+// only the Parameters body (and refuses a query string) gets every parameter.
+func TestPostKickOffCarriesEveryParameterInTheBody(t *testing.T) {
+	var got map[string][]string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.URL.RawQuery != "" {
+			t.Errorf("kick-off %s with query %q", r.Method, r.URL.RawQuery)
+		}
+		b, _ := io.ReadAll(r.Body)
+		ps, err := export.ParametersBody(b)
+		if err != nil {
+			t.Errorf("body: %v", err)
+		}
+		got = map[string][]string{}
+		for _, p := range ps {
+			got[p[0]] = append(got[p[0]], p[1])
+		}
+		w.Header().Set("Content-Location", "http://"+r.Host+"/status")
+		w.WriteHeader(http.StatusAccepted)
+	}))
+	defer srv.Close()
+	req := pull.Request{Server: srv.URL, Level: "patient", Types: []string{"Patient", "Condition"}, Since: "2026-01-01T00:00:00Z",
+		Until: "2026-06-01T00:00:00Z", TypeFilters: []string{"Condition?clinical-status=active"}, Elements: []string{"id"},
+		Patients: []string{"p1", "Patient/p2"}, IncludeAssociatedData: []string{"LatestProvenanceResources"}}
+	if _, err := pull.New(pull.Options{Out: t.TempDir()}).Start(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{"_type": {"Patient,Condition"}, "_since": {req.Since}, "_until": {req.Until},
+		"_typeFilter": {"Condition?clinical-status=active"}, "_elements": {"id"}, "patient": {"Patient/p1", "Patient/p2"},
+		"includeAssociatedData": {"LatestProvenanceResources"}}
+	for k, v := range want {
+		if len(got[k]) != len(v) || (len(v) > 0 && got[k][0] != v[0]) || (len(v) > 1 && got[k][1] != v[1]) {
+			t.Errorf("%s: got %v, want %v", k, got[k], v)
+		}
+	}
+	// --post without patients is a POST too.
+	req.Patients = nil
+	req.Post = true
+	if _, err := pull.New(pull.Options{Out: t.TempDir()}).Start(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if got["_type"] == nil {
+		t.Errorf("--post: _type not in the body: %v", got)
+	}
+}
