@@ -103,6 +103,30 @@ type State struct {
 	RunID       string    `json:"runId"`
 	Completed   bool      `json:"completed"`
 	PreviousRun string    `json:"previousRun,omitempty"`
+	// Incremental marks a --since-last run: its increment is applied to the
+	// earlier runs' files before its manifest becomes the folder's watermark,
+	// also when the run is finished by --resume.
+	Incremental bool `json:"incremental,omitempty"`
+}
+
+// pendingManifest holds the server's manifest until every file is verified
+// (and an increment applied): manifest.json, whose transactionTime is the
+// --since-last watermark, must never come from an unfinished run.
+const pendingManifest = ".kiln-pull-manifest.json"
+
+// CommitManifest makes the run's manifest the folder's manifest.json.
+func (c *Client) CommitManifest() error {
+	return os.Rename(filepath.Join(c.opt.Out, pendingManifest), filepath.Join(c.opt.Out, "manifest.json"))
+}
+
+// Unfinished reports whether dir holds a pull that has not completed.
+func Unfinished(dir string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return false
+	}
+	var st State
+	return json.Unmarshal(b, &st) == nil && !st.Completed
 }
 
 // Manifest is the completed export's manifest.
@@ -245,6 +269,9 @@ func (c *Client) Resume() (*State, error) {
 	return &st, nil
 }
 
+// Save records st in the output folder.
+func (c *Client) Save(st *State) error { return c.save(st) }
+
 func (c *Client) save(st *State) error {
 	b, _ := json.MarshalIndent(st, "", "  ")
 	tmp := filepath.Join(c.opt.Out, stateFile+".tmp")
@@ -286,7 +313,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 			if err := json.Unmarshal(body, &m); err != nil {
 				return nil, fmt.Errorf("manifest is not JSON: %w", err)
 			}
-			if err := os.WriteFile(filepath.Join(c.opt.Out, "manifest.json"), body, 0o644); err != nil {
+			if err := os.WriteFile(filepath.Join(c.opt.Out, pendingManifest), body, 0o644); err != nil {
 				return nil, err
 			}
 			return &m, nil
@@ -373,8 +400,13 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 			for j := range work {
 				lines, size, err := c.fetch(ctx, m, j.f, j.kind, filepath.Join(c.opt.Out, j.name))
 				mu.Lock()
-				if err != nil && firstErr == nil {
-					firstErr = fmt.Errorf("%s: %w", j.name, err)
+				if err != nil {
+					if firstErr == nil {
+						firstErr = fmt.Errorf("%s: %w", j.name, err)
+					}
+					os.Remove(filepath.Join(c.opt.Out, j.name+".part"))
+					mu.Unlock()
+					continue // a failed file is not counted as downloaded
 				}
 				res.Files++
 				res.Bytes += size
@@ -404,6 +436,11 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 	}
 	if firstErr != nil {
 		return res, firstErr
+	}
+	if !st.Incremental {
+		if err := c.CommitManifest(); err != nil {
+			return res, err
+		}
 	}
 	st.Completed = true
 	return res, c.save(st)
@@ -649,8 +686,12 @@ func RunIDs(dir, runID string) (deleted, updated map[string]bool, err error) {
 	return deleted, updated, nil
 }
 
-// PreviousTransactionTime reads the transactionTime of the last pull in dir.
+// PreviousTransactionTime reads the transactionTime of the last completed
+// pull in dir; an unfinished pull there must be resumed first.
 func PreviousTransactionTime(dir string) (string, error) {
+	if Unfinished(dir) {
+		return "", fmt.Errorf("%s holds an unfinished pull: finish it with kiln pull --resume %s first", dir, dir)
+	}
 	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
 	if err != nil {
 		return "", fmt.Errorf("no earlier pull in %s: %w", dir, err)

@@ -135,6 +135,12 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if st, err = c.Start(ctx, req); err != nil {
 			return err
 		}
+		if *sinceLast != "" {
+			st.Incremental = true
+			if err := c.Save(st); err != nil {
+				return err
+			}
+		}
 	}
 	res, err := runPull(ctx, c, st)
 	if tty {
@@ -142,17 +148,22 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if err != nil {
 		if errors.Is(err, context.Canceled) {
-			return interrupted(c, st, dir, *cancelOnInterrupt, tty, stderr)
+			return interrupted(c, st, dir, authHint(*token, *tokenFile, *clientID, *keyFile, *keyID, *tokenURL, *scope), *cancelOnInterrupt, tty, stderr)
 		}
 		return err
 	}
-	if *sinceLast != "" {
+	if st.Incremental {
+		// Also on --resume of an interrupted --since-last pull: the increment
+		// is applied before manifest.json (the watermark) moves forward.
 		deleted, updated, err := pull.RunIDs(dir, st.RunID)
 		if err != nil {
 			return err
 		}
 		n, err := pull.ApplyIncrement(dir, st.RunID, deleted, updated)
 		if err != nil {
+			return err
+		}
+		if err := c.CommitManifest(); err != nil {
 			return err
 		}
 		fmt.Fprintf(stdout, "incremental: %d deletions and %d new versions applied (%d older lines removed)\n", len(deleted), len(updated), n)
@@ -171,7 +182,31 @@ func runPull(ctx context.Context, c *pull.Client, st *pull.State) (*pull.Result,
 }
 
 // interrupted asks (on a terminal) whether to cancel the export on the server.
-func interrupted(c *pull.Client, st *pull.State, dir string, cancel, tty bool, stderr io.Writer) error {
+// authHint repeats the authentication flags for the resume hint (a token
+// itself is not printed).
+func authHint(token, tokenFile, clientID, keyFile, keyID, tokenURL, scope string) string {
+	var b strings.Builder
+	switch {
+	case token != "":
+		b.WriteString(" --token TOKEN")
+	case tokenFile != "":
+		fmt.Fprintf(&b, " --token-file %s", tokenFile)
+	case clientID != "":
+		fmt.Fprintf(&b, " --client-id %s --private-key %s", clientID, keyFile)
+		if keyID != "" {
+			fmt.Fprintf(&b, " --key-id %s", keyID)
+		}
+		if tokenURL != "" {
+			fmt.Fprintf(&b, " --token-url %s", tokenURL)
+		}
+		if scope != "" {
+			fmt.Fprintf(&b, " --scope '%s'", scope)
+		}
+	}
+	return b.String()
+}
+
+func interrupted(c *pull.Client, st *pull.State, dir, auth string, cancel, tty bool, stderr io.Writer) error {
 	if !cancel && tty {
 		fmt.Fprint(stderr, "\nInterrupted. Cancel the export on the server? [y/N] ")
 		line, _ := bufio.NewReader(os.Stdin).ReadString('\n')
@@ -185,5 +220,5 @@ func interrupted(c *pull.Client, st *pull.State, dir string, cancel, tty bool, s
 		}
 		return errors.New("interrupted; export cancelled")
 	}
-	return fmt.Errorf("interrupted; the export keeps running: continue with kiln pull --resume %s", dir)
+	return fmt.Errorf("interrupted; the export keeps running: continue with kiln pull --resume %s%s", dir, auth)
 }
