@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
+	"time"
 
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/pull"
@@ -54,5 +55,34 @@ func TestPostKickOffCarriesEveryParameterInTheBody(t *testing.T) {
 	}
 	if got["_type"] == nil {
 		t.Errorf("--post: _type not in the body: %v", got)
+	}
+}
+
+// TestKickOffHonoursRetryAfter: 429 and 503 at kick-off are waited out as
+// Retry-After says (seconds or an HTTP date), through the injected sleeper.
+func TestKickOffHonoursRetryAfter(t *testing.T) {
+	var n int
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n++
+		switch n {
+		case 1:
+			w.Header().Set("Retry-After", "7")
+			w.WriteHeader(http.StatusTooManyRequests)
+		case 2:
+			w.Header().Set("Retry-After", time.Now().Add(30*time.Second).UTC().Format(http.TimeFormat))
+			w.WriteHeader(http.StatusServiceUnavailable)
+		default:
+			w.Header().Set("Content-Location", "http://"+r.Host+"/status")
+			w.WriteHeader(http.StatusAccepted)
+		}
+	}))
+	defer srv.Close()
+	var waits []time.Duration
+	c := pull.New(pull.Options{Out: t.TempDir(), Sleep: func(_ context.Context, d time.Duration) error { waits = append(waits, d); return nil }})
+	if _, err := c.Start(context.Background(), pull.Request{Server: srv.URL}); err != nil {
+		t.Fatalf("kick-off through 429 and 503: %v", err)
+	}
+	if len(waits) != 2 || waits[0] != 7*time.Second || waits[1] < 20*time.Second || waits[1] > 31*time.Second {
+		t.Fatalf("waits %v, want 7s then about 30s", waits)
 	}
 }

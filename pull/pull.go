@@ -93,6 +93,8 @@ type Options struct {
 	// MaxRetries bounds retries of one request (default 5); MaxWait caps one wait (default 60 s).
 	MaxRetries int
 	MaxWait    time.Duration
+	// Sleep waits between attempts (tests inject one; default a timer that honours ctx).
+	Sleep func(ctx context.Context, d time.Duration) error
 }
 
 // State is what a pull remembers in its folder, so that it can resume.
@@ -177,6 +179,9 @@ func New(opt Options) *Client {
 	if opt.MaxWait <= 0 {
 		opt.MaxWait = 60 * time.Second
 	}
+	if opt.Sleep == nil {
+		opt.Sleep = sleep
+	}
 	if opt.Progress == nil {
 		opt.Progress = func(string) {}
 	}
@@ -225,19 +230,36 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
-	res, err := c.do(ctx, method, u, body, true, func(r *http.Request) {
-		r.Header.Set("Accept", "application/fhir+json")
-		prefer := "respond-async"
-		if req.Lenient {
-			prefer += ", handling=lenient"
+	var res *http.Response
+	for attempt := 0; ; attempt++ {
+		var err error
+		res, err = c.do(ctx, method, u, body, true, func(r *http.Request) {
+			r.Header.Set("Accept", "application/fhir+json")
+			prefer := "respond-async"
+			if req.Lenient {
+				prefer += ", handling=lenient"
+			}
+			r.Header.Set("Prefer", prefer)
+			if body != nil {
+				r.Header.Set("Content-Type", "application/fhir+json")
+			}
+		})
+		if err != nil {
+			return nil, fmt.Errorf("kick-off: %w", err)
 		}
-		r.Header.Set("Prefer", prefer)
-		if body != nil {
-			r.Header.Set("Content-Type", "application/fhir+json")
+		// 429 and 503 mean "not now": wait as Retry-After says (bounded), then ask again.
+		if (res.StatusCode != http.StatusTooManyRequests && res.StatusCode != http.StatusServiceUnavailable) || attempt >= c.opt.MaxRetries {
+			break
 		}
-	})
-	if err != nil {
-		return nil, fmt.Errorf("kick-off: %w", err)
+		wait, ok := retryAfter(res.Header.Get("Retry-After"))
+		if !ok {
+			wait = jitter(time.Duration(attempt+1) * time.Second)
+		}
+		res.Body.Close()
+		c.say("kick-off: %d; retrying in %s", res.StatusCode, min(wait, c.opt.MaxWait))
+		if err := c.opt.Sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
+			return nil, err
+		}
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusAccepted {
@@ -324,7 +346,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 				wait, backoff = backoff, min(backoff*2, c.opt.MaxWait)
 			}
 			c.say("status: %s; next poll in %s", orDefault(res.Header.Get("X-Progress"), strconv.Itoa(res.StatusCode)), wait)
-			if err := sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
+			if err := c.opt.Sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
 				return nil, err
 			}
 		case res.StatusCode >= 500 && !isFailedExport(body):
