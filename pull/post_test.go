@@ -86,3 +86,34 @@ func TestKickOffHonoursRetryAfter(t *testing.T) {
 		t.Fatalf("waits %v, want 7s then about 30s", waits)
 	}
 }
+
+// TestWrongCountOnAnErrorFileIsNotAFailure: the error file's count is off;
+// the pull still completes.
+func TestWrongCountOnAnErrorFileIsNotAFailure(t *testing.T) {
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/$export":
+			w.Header().Set("Content-Location", srv.URL+"/status")
+			w.WriteHeader(http.StatusAccepted)
+		case "/status":
+			io.WriteString(w, `{"transactionTime":"2026-01-01T00:00:00Z","request":"x","output":[],
+				"error":[{"type":"OperationOutcome","url":"`+srv.URL+`/err","count":5}]}`)
+		case "/err":
+			io.WriteString(w, `{"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"processing","diagnostics":"x"}]}`+"\n")
+		}
+	}))
+	defer srv.Close()
+	c := pull.New(pull.Options{Out: t.TempDir(), Sleep: func(context.Context, time.Duration) error { return nil }})
+	st, err := c.Start(context.Background(), pull.Request{Server: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.Wait(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := c.Download(context.Background(), st, m); err != nil || res.Errors != 1 {
+		t.Fatalf("error file with a wrong count: %v %+v", err, res)
+	}
+}
