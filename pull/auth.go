@@ -188,3 +188,43 @@ func rootOf(u string) string {
 	}
 	return p.Scheme + "://" + p.Host
 }
+
+// DefaultScope picks the scope to ask for when the user gives none, from
+// the server's SMART configuration: system/*.rs when it speaks only SMART v2
+// (permission-v2 without permission-v1, or system/*.rs but not
+// system/*.read in scopes_supported), else system/*.read. Kiln's own access/
+// scopes are never added unasked: other servers refuse them (invalid_scope).
+func DefaultScope(ctx context.Context, client *http.Client, server string) string {
+	root := strings.TrimSuffix(server, "/")
+	for _, u := range []string{root + "/.well-known/smart-configuration", rootOf(root) + "/.well-known/smart-configuration"} {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		req.Header.Set("Accept", "application/json")
+		res, err := client.Do(req)
+		if err != nil {
+			continue
+		}
+		var cfg struct {
+			Scopes       []string `json:"scopes_supported"`
+			Capabilities []string `json:"capabilities"`
+		}
+		err = json.NewDecoder(res.Body).Decode(&cfg)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || err != nil {
+			continue
+		}
+		has := func(list []string, v string) bool {
+			for _, x := range list {
+				if x == v {
+					return true
+				}
+			}
+			return false
+		}
+		if has(cfg.Capabilities, "permission-v2") && !has(cfg.Capabilities, "permission-v1") ||
+			has(cfg.Scopes, "system/*.rs") && !has(cfg.Scopes, "system/*.read") {
+			return "system/*.rs"
+		}
+		return "system/*.read"
+	}
+	return "system/*.read"
+}

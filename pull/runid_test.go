@@ -1,6 +1,7 @@
 package pull
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -8,6 +9,9 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
 
 	"github.com/go-jose/go-jose/v4"
 	"os"
@@ -45,5 +49,20 @@ func TestPEMKeyGetsThumbprintKid(t *testing.T) {
 	tp, _ := (&jose.JSONWebKey{Key: k.Public()}).Thumbprint(crypto.SHA256)
 	if err != nil || kid == "" || kid != base64.RawURLEncoding.EncodeToString(tp) {
 		t.Fatalf("kid %q, err %v", kid, err)
+	}
+}
+
+func TestDefaultScope(t *testing.T) {
+	for _, c := range []struct{ cfg, want string }{
+		{`{"capabilities":["permission-v2"]}`, "system/*.rs"},
+		{`{"scopes_supported":["system/*.rs"]}`, "system/*.rs"},
+		{`{"capabilities":["permission-v1","permission-v2"],"scopes_supported":["system/*.read","access/*.read"]}`, "system/*.read"},
+		{`{}`, "system/*.read"},
+	} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, c.cfg) }))
+		if got := DefaultScope(context.Background(), srv.Client(), srv.URL+"/fhir"); got != c.want {
+			t.Errorf("%s: %q, want %q", c.cfg, got, c.want)
+		}
+		srv.Close()
 	}
 }

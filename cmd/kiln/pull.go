@@ -48,7 +48,7 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	keyFile := fs.String("private-key", "", "client private key: JWK (with kid) or PEM")
 	keyID := fs.String("key-id", "", "kid for a PEM key")
 	tokenURL := fs.String("token-url", "", "token endpoint (default: discovered from /.well-known/smart-configuration)")
-	scope := fs.String("scope", "system/*.read access/*.read", "scopes to ask the token endpoint for")
+	scope := fs.String("scope", "", "scopes to ask the token endpoint for (default system/*.read, or system/*.rs for a SMART v2-only server; Kiln also needs access/ scopes, e.g. 'system/*.read access/*.read')")
 	resume := fs.String("resume", "", "continue the interrupted pull in this folder")
 	sinceLast := fs.String("since-last", "", "pull incrementally into this folder: _since its last transactionTime; deletions and new versions replace older lines")
 	cancelOnInterrupt := fs.Bool("cancel-on-interrupt", false, "on Ctrl-C, cancel the export without asking")
@@ -113,6 +113,9 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			if tu, err = pull.DiscoverTokenURL(ctx, httpc, *server); err != nil {
 				return err
 			}
+		}
+		if *scope == "" {
+			*scope = pull.DefaultScope(ctx, httpc, *server)
 		}
 		opt.Tokens = &pull.BackendServices{ClientID: *clientID, Key: key, KeyID: kid, TokenURL: tu, Scope: *scope, HTTP: httpc}
 	}
