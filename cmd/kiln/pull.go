@@ -42,6 +42,8 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	out := fs.String("out", "./kiln-pull", "folder for the files, the manifest and the resume state")
 	parallel := fs.Int("parallel", 4, "parallel downloads")
 	lenient := fs.Bool("lenient", false, "send Prefer: handling=lenient")
+	post := fs.Bool("post", false, "kick off with POST and every parameter in a Parameters body (implied by --patient)")
+	assoc := fs.String("include-associated-data", "", "comma-separated includeAssociatedData codes")
 	token := fs.String("token", "", "bearer token")
 	tokenFile := fs.String("token-file", "", "file holding the bearer token")
 	clientID := fs.String("client-id", "", "SMART Backend Services client id")
@@ -122,7 +124,8 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	c = pull.New(opt)
 	if st == nil {
 		req := pull.Request{Server: *server, Level: "system", Types: splitList(*types), Since: *since, Until: *until,
-			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient}
+			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient,
+			Post: *post, IncludeAssociatedData: splitList(*assoc)}
 		switch {
 		case *group != "":
 			req.Level, req.GroupID = "group", *group
