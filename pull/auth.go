@@ -2,9 +2,11 @@ package pull
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -110,7 +112,7 @@ func (b *BackendServices) Token(ctx context.Context) (string, error) {
 }
 
 // LoadKey reads a private key from a JWK (JSON) or PEM file, and its key id
-// (the JWK's kid; for PEM, kid must be given).
+// (the JWK's kid; for PEM, its RFC 7638 thumbprint).
 func LoadKey(path string) (any, string, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -131,13 +133,13 @@ func LoadKey(path string) (any, string, error) {
 		return nil, "", fmt.Errorf("%s is neither a JWK nor PEM", path)
 	}
 	if k, err := x509.ParsePKCS8PrivateKey(blk.Bytes); err == nil {
-		return k, "", nil
+		return k, thumbprint(k), nil
 	}
 	if k, err := x509.ParseECPrivateKey(blk.Bytes); err == nil {
-		return k, "", nil
+		return k, thumbprint(k), nil
 	}
 	if k, err := x509.ParsePKCS1PrivateKey(blk.Bytes); err == nil {
-		return k, "", nil
+		return k, thumbprint(k), nil
 	}
 	return nil, "", errors.New(path + ": unsupported private key")
 }
@@ -164,10 +166,65 @@ func DiscoverTokenURL(ctx context.Context, client *http.Client, server string) (
 	return "", fmt.Errorf("no token_endpoint in %s/.well-known/smart-configuration: give --token-url", root)
 }
 
+// thumbprint is the RFC 7638 JWK thumbprint (SHA-256, base64url) of the
+// key's public half: the kid a PEM key gets when --key-id is not given, the
+// same value a JWKS built from that key would carry.
+func thumbprint(k any) string {
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return ""
+	}
+	b, err := (&jose.JSONWebKey{Key: s.Public()}).Thumbprint(crypto.SHA256)
+	if err != nil {
+		return ""
+	}
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
 func rootOf(u string) string {
 	p, err := url.Parse(u)
 	if err != nil {
 		return u
 	}
 	return p.Scheme + "://" + p.Host
+}
+
+// DefaultScope picks the scope to ask for when the user gives none, from
+// the server's SMART configuration: system/*.rs when it speaks only SMART v2
+// (permission-v2 without permission-v1, or system/*.rs but not
+// system/*.read in scopes_supported), else system/*.read. Kiln's own access/
+// scopes are never added unasked: other servers refuse them (invalid_scope).
+func DefaultScope(ctx context.Context, client *http.Client, server string) string {
+	root := strings.TrimSuffix(server, "/")
+	for _, u := range []string{root + "/.well-known/smart-configuration", rootOf(root) + "/.well-known/smart-configuration"} {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		req.Header.Set("Accept", "application/json")
+		res, err := client.Do(req)
+		if err != nil {
+			continue
+		}
+		var cfg struct {
+			Scopes       []string `json:"scopes_supported"`
+			Capabilities []string `json:"capabilities"`
+		}
+		err = json.NewDecoder(res.Body).Decode(&cfg)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || err != nil {
+			continue
+		}
+		has := func(list []string, v string) bool {
+			for _, x := range list {
+				if x == v {
+					return true
+				}
+			}
+			return false
+		}
+		if has(cfg.Capabilities, "permission-v2") && !has(cfg.Capabilities, "permission-v1") ||
+			has(cfg.Scopes, "system/*.rs") && !has(cfg.Scopes, "system/*.read") {
+			return "system/*.rs"
+		}
+		return "system/*.read"
+	}
+	return "system/*.read"
 }

@@ -37,6 +37,49 @@ type Request struct {
 	Elements    []string
 	Patients    []string
 	Lenient     bool
+	// Post kicks off with POST and a Parameters body (implied by Patients).
+	Post bool
+	// IncludeAssociatedData values (includeAssociatedData).
+	IncludeAssociatedData []string
+}
+
+// parametersBody is the FHIR Parameters resource for a POST kick-off,
+// holding every parameter of req.
+func parametersBody(req Request) []byte {
+	params := []map[string]any{}
+	add := func(name, key, v string) { params = append(params, map[string]any{"name": name, key: v}) }
+	if len(req.Types) > 0 {
+		add("_type", "valueString", strings.Join(req.Types, ","))
+	}
+	instant := func(v string) string {
+		if strings.Contains(v, "T") {
+			return "valueInstant"
+		}
+		return "valueDate"
+	}
+	if req.Since != "" {
+		add("_since", instant(req.Since), req.Since)
+	}
+	if req.Until != "" {
+		add("_until", instant(req.Until), req.Until)
+	}
+	if len(req.Elements) > 0 {
+		add("_elements", "valueString", strings.Join(req.Elements, ","))
+	}
+	for _, f := range req.TypeFilters {
+		add("_typeFilter", "valueString", f)
+	}
+	for _, v := range req.IncludeAssociatedData {
+		add("includeAssociatedData", "valueCode", v)
+	}
+	for _, p := range req.Patients {
+		if !strings.Contains(p, "/") {
+			p = "Patient/" + p
+		}
+		params = append(params, map[string]any{"name": "patient", "valueReference": map[string]string{"reference": p}})
+	}
+	b, _ := json.Marshal(map[string]any{"resourceType": "Parameters", "parameter": params})
+	return b
 }
 
 // Options tune a pull.
@@ -50,6 +93,8 @@ type Options struct {
 	// MaxRetries bounds retries of one request (default 5); MaxWait caps one wait (default 60 s).
 	MaxRetries int
 	MaxWait    time.Duration
+	// Sleep waits between attempts (tests inject one; default a timer that honours ctx).
+	Sleep func(ctx context.Context, d time.Duration) error
 }
 
 // State is what a pull remembers in its folder, so that it can resume.
@@ -60,6 +105,30 @@ type State struct {
 	RunID       string    `json:"runId"`
 	Completed   bool      `json:"completed"`
 	PreviousRun string    `json:"previousRun,omitempty"`
+	// Incremental marks a --since-last run: its increment is applied to the
+	// earlier runs' files before its manifest becomes the folder's watermark,
+	// also when the run is finished by --resume.
+	Incremental bool `json:"incremental,omitempty"`
+}
+
+// pendingManifest holds the server's manifest until every file is verified
+// (and an increment applied): manifest.json, whose transactionTime is the
+// --since-last watermark, must never come from an unfinished run.
+const pendingManifest = ".kiln-pull-manifest.json"
+
+// CommitManifest makes the run's manifest the folder's manifest.json.
+func (c *Client) CommitManifest() error {
+	return os.Rename(filepath.Join(c.opt.Out, pendingManifest), filepath.Join(c.opt.Out, "manifest.json"))
+}
+
+// Unfinished reports whether dir holds a pull that has not completed.
+func Unfinished(dir string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return false
+	}
+	var st State
+	return json.Unmarshal(b, &st) == nil && !st.Completed
 }
 
 // Manifest is the completed export's manifest.
@@ -110,6 +179,9 @@ func New(opt Options) *Client {
 	if opt.MaxWait <= 0 {
 		opt.MaxWait = 60 * time.Second
 	}
+	if opt.Sleep == nil {
+		opt.Sleep = sleep
+	}
 	if opt.Progress == nil {
 		opt.Progress = func(string) {}
 	}
@@ -147,35 +219,47 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 		q.Add("_typeFilter", f)
 	}
 	method, body := http.MethodGet, []byte(nil)
-	if len(req.Patients) > 0 {
-		// patient is POST-only in the IG: a Parameters body.
+	if len(req.Patients) > 0 || req.Post {
+		// POST carries every parameter in the Parameters body (as the IG
+		// asks); servers that read only the body would otherwise export everything.
 		method = http.MethodPost
-		params := []map[string]any{}
-		for _, p := range req.Patients {
-			if !strings.Contains(p, "/") {
-				p = "Patient/" + p
-			}
-			params = append(params, map[string]any{"name": "patient", "valueReference": map[string]string{"reference": p}})
-		}
-		body, _ = json.Marshal(map[string]any{"resourceType": "Parameters", "parameter": params})
+		body = parametersBody(req)
+		q = url.Values{}
 	}
 	u := strings.TrimSuffix(req.Server, "/") + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
-	res, err := c.do(ctx, method, u, body, true, func(r *http.Request) {
-		r.Header.Set("Accept", "application/fhir+json")
-		prefer := "respond-async"
-		if req.Lenient {
-			prefer += ", handling=lenient"
+	var res *http.Response
+	for attempt := 0; ; attempt++ {
+		var err error
+		res, err = c.do(ctx, method, u, body, true, func(r *http.Request) {
+			r.Header.Set("Accept", "application/fhir+json")
+			prefer := "respond-async"
+			if req.Lenient {
+				prefer += ", handling=lenient"
+			}
+			r.Header.Set("Prefer", prefer)
+			if body != nil {
+				r.Header.Set("Content-Type", "application/fhir+json")
+			}
+		})
+		if err != nil {
+			return nil, fmt.Errorf("kick-off: %w", err)
 		}
-		r.Header.Set("Prefer", prefer)
-		if body != nil {
-			r.Header.Set("Content-Type", "application/fhir+json")
+		// 429 and 503 mean "not now": wait as Retry-After says (bounded), then ask again.
+		if (res.StatusCode != http.StatusTooManyRequests && res.StatusCode != http.StatusServiceUnavailable) || attempt >= c.opt.MaxRetries {
+			break
 		}
-	})
-	if err != nil {
-		return nil, fmt.Errorf("kick-off: %w", err)
+		wait, ok := retryAfter(res.Header.Get("Retry-After"))
+		if !ok {
+			wait = jitter(time.Duration(attempt+1) * time.Second)
+		}
+		res.Body.Close()
+		c.say("kick-off: %d; retrying in %s", res.StatusCode, min(wait, c.opt.MaxWait))
+		if err := c.opt.Sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
+			return nil, err
+		}
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusAccepted {
@@ -206,6 +290,9 @@ func (c *Client) Resume() (*State, error) {
 	}
 	return &st, nil
 }
+
+// Save records st in the output folder.
+func (c *Client) Save(st *State) error { return c.save(st) }
 
 func (c *Client) save(st *State) error {
 	b, _ := json.MarshalIndent(st, "", "  ")
@@ -248,7 +335,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 			if err := json.Unmarshal(body, &m); err != nil {
 				return nil, fmt.Errorf("manifest is not JSON: %w", err)
 			}
-			if err := os.WriteFile(filepath.Join(c.opt.Out, "manifest.json"), body, 0o644); err != nil {
+			if err := os.WriteFile(filepath.Join(c.opt.Out, pendingManifest), body, 0o644); err != nil {
 				return nil, err
 			}
 			return &m, nil
@@ -259,7 +346,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 				wait, backoff = backoff, min(backoff*2, c.opt.MaxWait)
 			}
 			c.say("status: %s; next poll in %s", orDefault(res.Header.Get("X-Progress"), strconv.Itoa(res.StatusCode)), wait)
-			if err := sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
+			if err := c.opt.Sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
 				return nil, err
 			}
 		case res.StatusCode >= 500 && !isFailedExport(body):
@@ -335,8 +422,13 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 			for j := range work {
 				lines, size, err := c.fetch(ctx, m, j.f, j.kind, filepath.Join(c.opt.Out, j.name))
 				mu.Lock()
-				if err != nil && firstErr == nil {
-					firstErr = fmt.Errorf("%s: %w", j.name, err)
+				if err != nil {
+					if firstErr == nil {
+						firstErr = fmt.Errorf("%s: %w", j.name, err)
+					}
+					os.Remove(filepath.Join(c.opt.Out, j.name+".part"))
+					mu.Unlock()
+					continue // a failed file is not counted as downloaded
 				}
 				res.Files++
 				res.Bytes += size
@@ -366,6 +458,11 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 	}
 	if firstErr != nil {
 		return res, firstErr
+	}
+	if !st.Incremental {
+		if err := c.CommitManifest(); err != nil {
+			return res, err
+		}
 	}
 	st.Completed = true
 	return res, c.save(st)
@@ -461,7 +558,9 @@ func verify(path string, f File, kind string) (int64, int64, error) {
 	if err := sc.Err(); err != nil {
 		return 0, 0, err
 	}
-	if f.Count != nil && int64(*f.Count) != lines {
+	// An error file's count is informative: a wrong one must not fail the
+	// pull (the lines are still read and shown); the caller warns.
+	if f.Count != nil && int64(*f.Count) != lines && kind != "error" {
 		return 0, 0, fmt.Errorf("%d lines, the manifest says %d (truncated file?)", lines, *f.Count)
 	}
 	return lines, size, nil
@@ -611,8 +710,12 @@ func RunIDs(dir, runID string) (deleted, updated map[string]bool, err error) {
 	return deleted, updated, nil
 }
 
-// PreviousTransactionTime reads the transactionTime of the last pull in dir.
+// PreviousTransactionTime reads the transactionTime of the last completed
+// pull in dir; an unfinished pull there must be resumed first.
 func PreviousTransactionTime(dir string) (string, error) {
+	if Unfinished(dir) {
+		return "", fmt.Errorf("%s holds an unfinished pull: finish it with kiln pull --resume %s first", dir, dir)
+	}
 	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
 	if err != nil {
 		return "", fmt.Errorf("no earlier pull in %s: %w", dir, err)

@@ -1,6 +1,19 @@
 package pull
 
 import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
+
+	"github.com/go-jose/go-jose/v4"
 	"os"
 	"path/filepath"
 	"testing"
@@ -22,5 +35,34 @@ func TestRunIDsNeverCollide(t *testing.T) {
 	}
 	if got := newRunID(dir, now.Add(time.Second)); got != "20261127T100001" {
 		t.Fatalf("next second: %q", got)
+	}
+}
+
+// TestPEMKeyGetsThumbprintKid: a PEM key without --key-id signs with the
+// RFC 7638 thumbprint as kid, never an empty one.
+func TestPEMKeyGetsThumbprintKid(t *testing.T) {
+	k, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(k)
+	path := filepath.Join(t.TempDir(), "k.pem")
+	os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+	_, kid, err := LoadKey(path)
+	tp, _ := (&jose.JSONWebKey{Key: k.Public()}).Thumbprint(crypto.SHA256)
+	if err != nil || kid == "" || kid != base64.RawURLEncoding.EncodeToString(tp) {
+		t.Fatalf("kid %q, err %v", kid, err)
+	}
+}
+
+func TestDefaultScope(t *testing.T) {
+	for _, c := range []struct{ cfg, want string }{
+		{`{"capabilities":["permission-v2"]}`, "system/*.rs"},
+		{`{"scopes_supported":["system/*.rs"]}`, "system/*.rs"},
+		{`{"capabilities":["permission-v1","permission-v2"],"scopes_supported":["system/*.read","access/*.read"]}`, "system/*.read"},
+		{`{}`, "system/*.read"},
+	} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, c.cfg) }))
+		if got := DefaultScope(context.Background(), srv.Client(), srv.URL+"/fhir"); got != c.want {
+			t.Errorf("%s: %q, want %q", c.cfg, got, c.want)
+		}
+		srv.Close()
 	}
 }

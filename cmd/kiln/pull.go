@@ -42,13 +42,15 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	out := fs.String("out", "./kiln-pull", "folder for the files, the manifest and the resume state")
 	parallel := fs.Int("parallel", 4, "parallel downloads")
 	lenient := fs.Bool("lenient", false, "send Prefer: handling=lenient")
+	post := fs.Bool("post", false, "kick off with POST and every parameter in a Parameters body (implied by --patient)")
+	assoc := fs.String("include-associated-data", "", "comma-separated includeAssociatedData codes")
 	token := fs.String("token", "", "bearer token")
 	tokenFile := fs.String("token-file", "", "file holding the bearer token")
 	clientID := fs.String("client-id", "", "SMART Backend Services client id")
 	keyFile := fs.String("private-key", "", "client private key: JWK (with kid) or PEM")
 	keyID := fs.String("key-id", "", "kid for a PEM key")
 	tokenURL := fs.String("token-url", "", "token endpoint (default: discovered from /.well-known/smart-configuration)")
-	scope := fs.String("scope", "system/*.read access/*.read", "scopes to ask the token endpoint for")
+	scope := fs.String("scope", "", "scopes to ask the token endpoint for (default system/*.read, or system/*.rs for a SMART v2-only server; Kiln also needs access/ scopes, e.g. 'system/*.read access/*.read')")
 	resume := fs.String("resume", "", "continue the interrupted pull in this folder")
 	sinceLast := fs.String("since-last", "", "pull incrementally into this folder: _since its last transactionTime; deletions and new versions replace older lines")
 	cancelOnInterrupt := fs.Bool("cancel-on-interrupt", false, "on Ctrl-C, cancel the export without asking")
@@ -114,12 +116,16 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				return err
 			}
 		}
+		if *scope == "" {
+			*scope = pull.DefaultScope(ctx, httpc, *server)
+		}
 		opt.Tokens = &pull.BackendServices{ClientID: *clientID, Key: key, KeyID: kid, TokenURL: tu, Scope: *scope, HTTP: httpc}
 	}
 	c = pull.New(opt)
 	if st == nil {
 		req := pull.Request{Server: *server, Level: "system", Types: splitList(*types), Since: *since, Until: *until,
-			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient}
+			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient,
+			Post: *post, IncludeAssociatedData: splitList(*assoc)}
 		switch {
 		case *group != "":
 			req.Level, req.GroupID = "group", *group
@@ -135,6 +141,12 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if st, err = c.Start(ctx, req); err != nil {
 			return err
 		}
+		if *sinceLast != "" {
+			st.Incremental = true
+			if err := c.Save(st); err != nil {
+				return err
+			}
+		}
 	}
 	res, err := runPull(ctx, c, st)
 	if tty {
@@ -142,17 +154,22 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if err != nil {
 		if errors.Is(err, context.Canceled) {
-			return interrupted(c, st, dir, *cancelOnInterrupt, tty, stderr)
+			return interrupted(c, st, dir, authHint(*token, *tokenFile, *clientID, *keyFile, *keyID, *tokenURL, *scope), *cancelOnInterrupt, tty, stderr)
 		}
 		return err
 	}
-	if *sinceLast != "" {
+	if st.Incremental {
+		// Also on --resume of an interrupted --since-last pull: the increment
+		// is applied before manifest.json (the watermark) moves forward.
 		deleted, updated, err := pull.RunIDs(dir, st.RunID)
 		if err != nil {
 			return err
 		}
 		n, err := pull.ApplyIncrement(dir, st.RunID, deleted, updated)
 		if err != nil {
+			return err
+		}
+		if err := c.CommitManifest(); err != nil {
 			return err
 		}
 		fmt.Fprintf(stdout, "incremental: %d deletions and %d new versions applied (%d older lines removed)\n", len(deleted), len(updated), n)
@@ -171,7 +188,31 @@ func runPull(ctx context.Context, c *pull.Client, st *pull.State) (*pull.Result,
 }
 
 // interrupted asks (on a terminal) whether to cancel the export on the server.
-func interrupted(c *pull.Client, st *pull.State, dir string, cancel, tty bool, stderr io.Writer) error {
+// authHint repeats the authentication flags for the resume hint (a token
+// itself is not printed).
+func authHint(token, tokenFile, clientID, keyFile, keyID, tokenURL, scope string) string {
+	var b strings.Builder
+	switch {
+	case token != "":
+		b.WriteString(" --token TOKEN")
+	case tokenFile != "":
+		fmt.Fprintf(&b, " --token-file %s", tokenFile)
+	case clientID != "":
+		fmt.Fprintf(&b, " --client-id %s --private-key %s", clientID, keyFile)
+		if keyID != "" {
+			fmt.Fprintf(&b, " --key-id %s", keyID)
+		}
+		if tokenURL != "" {
+			fmt.Fprintf(&b, " --token-url %s", tokenURL)
+		}
+		if scope != "" {
+			fmt.Fprintf(&b, " --scope '%s'", scope)
+		}
+	}
+	return b.String()
+}
+
+func interrupted(c *pull.Client, st *pull.State, dir, auth string, cancel, tty bool, stderr io.Writer) error {
 	if !cancel && tty {
 		fmt.Fprint(stderr, "\nInterrupted. Cancel the export on the server? [y/N] ")
 		line, _ := bufio.NewReader(os.Stdin).ReadString('\n')
@@ -185,5 +226,5 @@ func interrupted(c *pull.Client, st *pull.State, dir string, cancel, tty bool, s
 		}
 		return errors.New("interrupted; export cancelled")
 	}
-	return fmt.Errorf("interrupted; the export keeps running: continue with kiln pull --resume %s", dir)
+	return fmt.Errorf("interrupted; the export keeps running: continue with kiln pull --resume %s%s", dir, auth)
 }
