@@ -122,6 +122,11 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 	if err != nil {
 		return nil, unauthorized("malformed bearer token: %v", err)
 	}
+	// RFC 7515 §4.1.11: a recipient must refuse critical extensions it does
+	// not understand, and Kiln understands none.
+	if _, ok := unverified.Header["crit"]; ok {
+		return nil, unauthorized("token header names critical extensions (crit), which are not supported")
+	}
 	alg, _ := unverified.Header["alg"].(string)
 	kid, _ := unverified.Header["kid"].(string)
 	iss, _ := claims["iss"].(string)

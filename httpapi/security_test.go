@@ -120,6 +120,7 @@ func TestAuthRejectsBadTokens(t *testing.T) {
 			return s[:len(s)-6] + "AAAAAA"
 		}(), "signature does not verify"},
 		{"forged own token", r.idpToken(t, jwt.SigningMethodES256, otherEC, jwt.MapClaims{"iss": r.base, "sub": "x", "aud": r.base, "exp": now.Add(time.Minute).Unix()}, map[string]any{"kid": r.key.KeyID}), "signature does not verify"},
+		{"crit header", r.idpToken(t, rs, r.rsaKey, base(), map[string]any{"kid": "idp-1", "crit": []string{"exp"}}), "critical extensions"},
 		{"expired", r.idpToken(t, rs, r.rsaKey, with("exp", now.Add(-10*time.Minute).Unix()), kid), "has expired"},
 		{"no exp", r.idpToken(t, rs, r.rsaKey, with("exp", nil), kid), "exp claim is required"},
 		{"not yet valid", r.idpToken(t, rs, r.rsaKey, with("nbf", now.Add(10*time.Minute).Unix()), kid), "not valid yet"},
