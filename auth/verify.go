@@ -191,6 +191,11 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 	default:
 		return nil, unauthorized("bearer token rejected: %v", err)
 	}
+	// Kiln's own tokens never live longer than MaxTokenLifetime: a token
+	// claiming more was not minted by this server's rules.
+	if exp, err := checked.GetExpirationTime(); own && err == nil && exp != nil && exp.Sub(v.cfg.Now()) > MaxTokenLifetime+v.cfg.Skew {
+		return nil, unauthorized("the bearer token's lifetime exceeds %v", MaxTokenLifetime)
+	}
 	name, _ := checked[v.cfg.PrincipalClaim].(string)
 	if name == "" {
 		return nil, unauthorized("the bearer token has no %s claim", v.cfg.PrincipalClaim)
@@ -212,7 +217,13 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 }
 
 // Mint signs a token with Kiln's key (the token endpoint and kiln token use it).
+// MaxTokenLifetime bounds the lifetime of tokens Kiln issues and accepts from itself.
+const MaxTokenLifetime = 24 * time.Hour
+
 func (v *Verifier) Mint(sub, scope string, lifetime time.Duration, extra map[string]any) (string, error) {
+	if lifetime <= 0 || lifetime > MaxTokenLifetime {
+		return "", fmt.Errorf("token lifetime %v is outside (0, %v]", lifetime, MaxTokenLifetime)
+	}
 	now := v.cfg.Now()
 	claims := jwt.MapClaims{
 		"iss": v.cfg.Issuer, "sub": sub, "aud": v.cfg.Audience, "scope": scope,

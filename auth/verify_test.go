@@ -68,3 +68,30 @@ func TestJWKSURL(t *testing.T) {
 		t.Fatalf("%d fetches for 5 unknown-kid tokens within the interval", fetches.Load()-n)
 	}
 }
+
+// TestMaxTokenLifetime: Kiln neither mints nor accepts its own tokens living
+// longer than MaxTokenLifetime.
+func TestMaxTokenLifetime(t *testing.T) {
+	own, _ := LoadOrCreateKey(filepath.Join(t.TempDir(), "k.pem"))
+	v, err := NewVerifier(Config{Issuer: "https://kiln.test", Key: own})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Mint("u", "system/*.read", 48*time.Hour, nil); err == nil {
+		t.Error("minted a 48 h token")
+	}
+	now := time.Now()
+	tk := jwt.NewWithClaims(jwt.SigningMethodES256, jwt.MapClaims{"iss": "https://kiln.test", "aud": "https://kiln.test", "sub": "u", "scope": "system/*.read", "exp": now.Add(30 * 24 * time.Hour).Unix()})
+	tk.Header["kid"] = own.KeyID
+	s, err := tk.SignedString(own.Private)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(context.Background(), s); err == nil || !strings.Contains(err.Error(), "lifetime") {
+		t.Errorf("30-day own token: %v, want a lifetime refusal", err)
+	}
+	ok, _ := v.Mint("u", "system/*.read", time.Minute, nil)
+	if _, err := v.Verify(context.Background(), ok); err != nil {
+		t.Errorf("1-minute token: %v", err)
+	}
+}
