@@ -46,6 +46,20 @@ func TaggedFor(codes []string, body []byte) bool {
 	return false
 }
 
+// TaggedOnly wraps a scan callback so that it sees only the bodies tagged
+// for one of codes (nil: every body).
+func TaggedOnly(codes []string, fn func([]byte) error) func([]byte) error {
+	if codes == nil {
+		return fn
+	}
+	return func(body []byte) error {
+		if !TaggedFor(codes, body) {
+			return nil
+		}
+		return fn(body)
+	}
+}
+
 // Resource is one stored version of a FHIR resource.
 type Resource struct {
 	Type        string

@@ -121,7 +121,7 @@ func (db *DB) scanRange(ctx context.Context, q kiln.ScanQuery, fn func([]byte) e
 	if err != nil {
 		return fmt.Errorf("postgres: scan %s changed since snapshot: %w", q.Type, err)
 	}
-	return eachRaw(rows, taggedOnly(q.AccessCodes, fn))
+	return eachRaw(rows, kiln.TaggedOnly(q.AccessCodes, fn))
 }
 
 func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
@@ -194,20 +194,7 @@ func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []stri
 	if err != nil {
 		return fmt.Errorf("postgres: read as of snapshot: %w", err)
 	}
-	return eachRaw(rows, taggedOnly(codes, fn))
-}
-
-// taggedOnly passes on to fn the bodies tagged for one of codes.
-func taggedOnly(codes []string, fn func([]byte) error) func([]byte) error {
-	if codes == nil {
-		return fn
-	}
-	return func(body []byte) error {
-		if !kiln.TaggedFor(codes, body) {
-			return nil
-		}
-		return fn(body)
-	}
+	return eachRaw(rows, kiln.TaggedOnly(codes, fn))
 }
 
 // SplitType implements kiln.ExportReader.

@@ -106,20 +106,7 @@ func (db *DB) scanRange(ctx context.Context, q kiln.ScanQuery, fn func([]byte) e
 	if err != nil {
 		return fmt.Errorf("scan %s changed since snapshot: %w", q.Type, err)
 	}
-	return eachBody(rows, taggedOnly(q.AccessCodes, fn))
-}
-
-// taggedOnly passes on to fn the bodies tagged for one of codes.
-func taggedOnly(codes []string, fn func([]byte) error) func([]byte) error {
-	if codes == nil {
-		return fn
-	}
-	return func(body []byte) error {
-		if !kiln.TaggedFor(codes, body) {
-			return nil
-		}
-		return fn(body)
-	}
+	return eachBody(rows, kiln.TaggedOnly(q.AccessCodes, fn))
 }
 
 func (db *DB) page(ctx context.Context, query string, args []any, fn func([]byte) error) (int, kiln.Cursor, error) {
@@ -245,7 +232,7 @@ func (db *DB) emitRows(ctx context.Context, rids []int64, w window, codes []stri
 		if err != nil {
 			return fmt.Errorf("read %s/%s as of snapshot: %w", ref.Type, ref.ID, err)
 		}
-		if err := eachBody(rows, taggedOnly(codes, fn)); err != nil {
+		if err := eachBody(rows, kiln.TaggedOnly(codes, fn)); err != nil {
 			return err
 		}
 	}
