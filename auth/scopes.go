@@ -4,6 +4,8 @@
 package auth
 
 import (
+	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"
@@ -44,66 +46,178 @@ func Anonymous() *Principal {
 	return &Principal{Name: "anonymous", Read: map[string]bool{"*": true}, Write: map[string]bool{"*": true}, AccessAll: true, HasAccessScope: true}
 }
 
-// ParseScopes reads a space-separated scope string. Understood: SMART v1
-// (user/Observation.read, system/*.read, patient/*.write, user/*.*), SMART v2
-// (system/Observation.rs, .r, .s, .cruds, …), SMART v2 query filters on
-// reads (system/Observation.rs?category=laboratory: only matching
-// Observations; several filters for a type are ORed, and an unfiltered read
-// scope for the type wins), and access/<code>.read|.write|.* (access/*.read:
-// every tenant). A filter on writes or on *, or one Kiln cannot evaluate,
-// grants nothing. Others (openid, launch, …) are kept but grant nothing.
+// Perm is a set of SMART v2 permissions (the letters of "cruds").
+type Perm uint8
+
+const (
+	PermCreate Perm = 1 << iota
+	PermRead
+	PermUpdate
+	PermDelete
+	PermSearch
+
+	permReads  = PermRead | PermSearch
+	permWrites = PermCreate | PermUpdate | PermDelete
+)
+
+// Scope is one parsed SMART scope (patient|user|system/Type.perms?query) or
+// Kiln's tenant scope (access/code.perms).
+type Scope struct {
+	Context string // patient, user, system or access
+	Target  string // a resource type, a tenant code, or *
+	Perms   Perm
+	Query   string // a SMART v2 query filter, without "?"; empty for none
+}
+
+// ParseScope reads one scope. SMART v1 permissions (read, write, *) and v2
+// letters (c, r, u, d, s in that order, each at most once) give the same
+// grants: .read = .rs, .write = .cud, .* = .cruds. Scopes that are not
+// resource or access scopes (openid, launch, fhirUser, …) are an error: they
+// grant nothing here.
+func ParseScope(s string) (Scope, error) {
+	ctx, rest, ok := strings.Cut(s, "/")
+	if !ok {
+		return Scope{}, fmt.Errorf("scope %q is not of the form context/Type.permissions", s)
+	}
+	switch ctx {
+	case "patient", "user", "system", "access":
+	default:
+		return Scope{}, fmt.Errorf("scope %q: context %q is not patient, user, system or access", s, ctx)
+	}
+	target, perm, ok := strings.Cut(rest, ".")
+	if !ok || target == "" {
+		return Scope{}, fmt.Errorf("scope %q names no permissions", s)
+	}
+	perm, query, filtered := strings.Cut(perm, "?")
+	sc := Scope{Context: ctx, Target: target, Query: query}
+	if target != "*" && ctx != "access" && !fhir.ValidID(target) {
+		return Scope{}, fmt.Errorf("scope %q: %q is not a resource type", s, target)
+	}
+	if filtered && query == "" {
+		return Scope{}, fmt.Errorf("scope %q has an empty query filter", s)
+	}
+	switch perm {
+	case "read":
+		sc.Perms = permReads
+	case "write":
+		sc.Perms = permWrites
+	case "*":
+		sc.Perms = permReads | permWrites
+	default:
+		last := -1
+		for _, c := range perm {
+			i := strings.IndexRune("cruds", c)
+			if i <= last {
+				return Scope{}, fmt.Errorf("scope %q: permissions %q are not v1 read/write/* nor v2 letters in the order cruds", s, perm)
+			}
+			last = i
+			sc.Perms |= 1 << i
+		}
+		if sc.Perms == 0 {
+			return Scope{}, fmt.Errorf("scope %q names no permissions", s)
+		}
+	}
+	return sc, nil
+}
+
+// Covers reports whether holding s grants everything o asks: the same
+// context, the same target (or * for s), o's permissions among s's, and s's
+// query filter (if any) the same as o's. An unfiltered scope covers filtered
+// ones of the same type.
+func (s Scope) Covers(o Scope) bool {
+	return s.Context == o.Context &&
+		(s.Target == "*" || s.Target == o.Target) &&
+		o.Perms&^s.Perms == 0 &&
+		(s.Query == "" || s.Query == o.Query)
+}
+
+// Grant decides a token request: the requested scopes that a registered one
+// covers are granted, in the requested spelling (narrower than registered is
+// fine); the others are dropped and returned, so that the caller can report
+// them (the granted scope string tells the client). It is an error when no
+// scope was requested (SMART Backend Services requires one) or none could be
+// granted.
+func Grant(registered, requested string) (granted string, dropped []string, err error) {
+	var reg []Scope
+	for _, f := range strings.Fields(registered) {
+		if sc, err := ParseScope(f); err == nil {
+			reg = append(reg, sc)
+		}
+	}
+	want := strings.Fields(requested)
+	if len(want) == 0 {
+		return "", nil, errors.New("scope is required: name the scopes the token should carry, for example system/*.rs")
+	}
+	var out []string
+	for _, f := range want {
+		sc, err := ParseScope(f)
+		ok := err == nil && slices.ContainsFunc(reg, func(r Scope) bool { return r.Covers(sc) })
+		if ok && !slices.Contains(out, f) {
+			out = append(out, f)
+		} else if !ok {
+			dropped = append(dropped, f)
+		}
+	}
+	if len(out) == 0 {
+		return "", dropped, fmt.Errorf("none of the requested scopes is granted to this client (registered: %s)", registered)
+	}
+	return strings.Join(out, " "), dropped, nil
+}
+
+// ParseScopes reads a space-separated scope string into a principal (see
+// ParseScope for the spellings). SMART v2 query filters on reads
+// (system/Observation.rs?category=laboratory) grant only matching resources;
+// several filters for a type are ORed, and an unfiltered read scope for the
+// type wins. access/<code> scopes name tenants (access/*: every tenant). A
+// filter on writes, on *, or one Kiln cannot evaluate grants nothing; other
+// scopes (openid, launch, …) are kept but grant nothing.
 func ParseScopes(name, scope string) *Principal {
 	p := &Principal{Name: name, Read: map[string]bool{}, Write: map[string]bool{}}
 	for _, s := range strings.Fields(scope) {
 		p.Scopes = append(p.Scopes, s)
-		ctx, rest, ok := strings.Cut(s, "/")
-		if !ok {
+		sc, err := ParseScope(s)
+		if err != nil {
 			continue
 		}
-		target, perm, ok := strings.Cut(rest, ".")
-		if !ok {
-			continue
-		}
-		if perm, query, filtered := strings.Cut(perm, "?"); filtered {
-			read, write := perms(perm)
-			if !read || write || target == "*" || ctx == "access" {
+		read, write := sc.Perms&permReads != 0, sc.Perms&permWrites != 0
+		if sc.Query != "" {
+			if !read || write || sc.Target == "*" || sc.Context == "access" {
 				continue
 			}
-			q, err := fhir.ParseTypeFilter(target + "?" + query)
+			q, err := fhir.ParseTypeFilter(sc.Target + "?" + sc.Query)
 			if err != nil {
 				continue
 			}
-			if ctx == "patient" {
+			if sc.Context == "patient" {
 				p.Patient = true
 			}
 			if p.filters == nil {
 				p.filters = map[string][]scopeFilter{}
 			}
-			p.filters[target] = append(p.filters[target], scopeFilter{raw: query, q: q})
+			p.filters[sc.Target] = append(p.filters[sc.Target], scopeFilter{raw: sc.Query, q: q})
 			continue
 		}
-		read, write := perms(perm)
-		switch ctx {
+		switch sc.Context {
 		case "access":
 			p.HasAccessScope = true
-			if target == "*" && read {
+			if sc.Target == "*" && read {
 				p.AccessAll = true
 			}
-			if read && target != "*" {
-				p.Access = append(p.Access, target)
+			if read && sc.Target != "*" {
+				p.Access = append(p.Access, sc.Target)
 			}
 			if write {
-				p.AccessWrite = append(p.AccessWrite, target)
+				p.AccessWrite = append(p.AccessWrite, sc.Target)
 			}
-		case "patient", "user", "system":
-			if ctx == "patient" {
+		default:
+			if sc.Context == "patient" {
 				p.Patient = true
 			}
 			if read {
-				p.Read[target] = true
+				p.Read[sc.Target] = true
 			}
 			if write {
-				p.Write[target] = true
+				p.Write[sc.Target] = true
 			}
 		}
 	}
@@ -115,20 +229,22 @@ func ParseScopes(name, scope string) *Principal {
 	return p
 }
 
-// perms reads a SMART permission: v1 read/write/*, v2 letters cruds.
-func perms(p string) (read, write bool) {
-	switch p {
-	case "read":
-		return true, false
-	case "write":
-		return false, true
-	case "*":
-		return true, true
+// Under applies the server's tenancy to a principal read from a token: with
+// TenancyNone, a token that names no tenant reads and writes records of every
+// tenant (its resource scopes still apply); with TenancyAccessTags it names
+// none and so may touch none.
+func (p *Principal) Under(t kiln.Tenancy) *Principal {
+	if t == kiln.TenancyNone && !p.HasAccessScope {
+		p.AccessAll = true
+		p.AccessWrite = []string{"*"}
 	}
-	if p == "" || strings.Trim(p, "cruds") != "" {
-		return false, false
-	}
-	return strings.ContainsAny(p, "rs"), strings.ContainsAny(p, "cud")
+	return p
+}
+
+// ReadsNoTenant reports whether p may read no record at all for want of an
+// access/ scope (only under TenancyAccessTags, where Under grants nothing).
+func (p *Principal) ReadsNoTenant() bool {
+	return !p.AccessAll && len(p.Access) == 0
 }
 
 // CanRead reports whether resources of typ may be read (some of them, when

@@ -8,8 +8,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"mime"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -89,64 +90,73 @@ func (s *TokenServer) now() time.Time {
 	return time.Now()
 }
 
+// issue checks a token request. Its errors follow RFC 6749 §5.2 and SMART
+// Backend Services: a malformed request is 400 invalid_request, a client that
+// cannot be authenticated (unknown, bad signature, wrong typ, replayed jti)
+// is 401 invalid_client, scopes that cannot be granted 400 invalid_scope.
 func (s *TokenServer) issue(r *http.Request) (map[string]any, error) {
 	if r.Method != http.MethodPost {
-		return nil, tokenErr(http.StatusMethodNotAllowed, "invalid_request", "use POST")
+		return nil, tokenErr(http.StatusMethodNotAllowed, "invalid_request", "the token endpoint takes POST, not %s", r.Method)
 	}
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/x-www-form-urlencoded" {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "the body must be application/x-www-form-urlencoded, not %q", r.Header.Get("Content-Type"))
+	}
+	r.Body = http.MaxBytesReader(nil, r.Body, 64<<10)
 	if err := r.ParseForm(); err != nil {
-		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "the body must be application/x-www-form-urlencoded: %v", err)
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "the form body could not be read: %v", err)
 	}
-	if gt := r.PostForm.Get("grant_type"); gt != "client_credentials" {
+	for k, v := range r.PostForm {
+		if len(v) > 1 {
+			return nil, tokenErr(http.StatusBadRequest, "invalid_request", "parameter %s is given %d times (RFC 6749 §3.2: at most once)", k, len(v))
+		}
+	}
+	switch gt := r.PostForm.Get("grant_type"); gt {
+	case "client_credentials":
+	case "":
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "grant_type is required (client_credentials)")
+	default:
 		return nil, tokenErr(http.StatusBadRequest, "unsupported_grant_type", "grant_type must be client_credentials, got %q", gt)
 	}
 	if at := r.PostForm.Get("client_assertion_type"); at != assertionType {
-		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion_type must be %s", assertionType)
+		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion_type must be %s, got %q", assertionType, at)
 	}
 	assertion := r.PostForm.Get("client_assertion")
 	if assertion == "" {
 		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion is required")
 	}
+	requested := r.PostForm.Get("scope")
+	if strings.TrimSpace(requested) == "" {
+		return nil, tokenErr(http.StatusBadRequest, "invalid_scope", "scope is required: name the scopes the token should carry, for example system/*.rs")
+	}
 	client, err := s.verifyAssertion(r.Context(), assertion)
 	if err != nil {
 		return nil, err
 	}
-	scope, err := grant(client.Scope, r.PostForm.Get("scope"))
+	scope, dropped, err := Grant(client.Scope, requested)
 	if err != nil {
-		return nil, err
+		return nil, tokenErr(http.StatusBadRequest, "invalid_scope", "%v", err)
 	}
 	token, err := s.Verifier.Mint(client.ID, scope, TokenLifetime, map[string]any{"client_id": client.ID})
 	if err != nil {
 		return nil, err
 	}
+	if len(dropped) > 0 {
+		slog.InfoContext(r.Context(), "token scopes dropped", "client", client.ID, "dropped", strings.Join(dropped, " "))
+	}
 	return map[string]any{"access_token": token, "token_type": "bearer", "expires_in": int(TokenLifetime.Seconds()), "scope": scope}, nil
-}
-
-// grant returns the requested scopes the client is registered for; with none
-// requested, all of them.
-func grant(registered, requested string) (string, error) {
-	reg := strings.Fields(registered)
-	if strings.TrimSpace(requested) == "" {
-		return strings.Join(reg, " "), nil
-	}
-	var out, refused []string
-	for _, s := range strings.Fields(requested) {
-		if slices.Contains(reg, s) {
-			out = append(out, s)
-		} else {
-			refused = append(refused, s)
-		}
-	}
-	if len(out) == 0 {
-		return "", tokenErr(http.StatusBadRequest, "invalid_scope", "none of the requested scopes is granted to this client (refused: %s)", strings.Join(refused, " "))
-	}
-	return strings.Join(out, " "), nil
 }
 
 func (s *TokenServer) verifyAssertion(ctx context.Context, assertion string) (*kiln.Client, error) {
 	var claims jwt.RegisteredClaims
 	unverified, _, err := jwt.NewParser().ParseUnverified(assertion, &claims)
 	if err != nil {
-		return nil, tokenErr(http.StatusBadRequest, "invalid_request", "client_assertion is not a JWT: %v", err)
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion is not a JWT: %v", err)
+	}
+	// RFC 7523 leaves typ optional; when sent it must say JWT.
+	if typ, ok := unverified.Header["typ"]; ok {
+		if t, _ := typ.(string); !strings.EqualFold(t, "JWT") {
+			return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion typ header is %q, not JWT", typ)
+		}
 	}
 	if claims.Issuer == "" || claims.Issuer != claims.Subject {
 		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion iss and sub must both be the client id")
@@ -191,7 +201,7 @@ func (s *TokenServer) verifyAssertion(ctx context.Context, assertion string) (*k
 		return nil, fmt.Errorf("record client assertion: %w", err)
 	}
 	if !fresh {
-		return nil, tokenErr(http.StatusUnauthorized, "invalid_grant", "client_assertion jti was already used")
+		return nil, tokenErr(http.StatusUnauthorized, "invalid_client", "client_assertion jti was already used: sign a new assertion for each token request")
 	}
 	return client, nil
 }
