@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -91,8 +92,37 @@ func ParseJWKS(b []byte) (*jose.JSONWebKeySet, error) {
 		if !k.Valid() || !k.IsPublic() {
 			return nil, fmt.Errorf("auth: JWKS key %q is not a valid public key", k.KeyID)
 		}
+		if err := StrongEnough(k.Key); err != nil {
+			return nil, fmt.Errorf("auth: JWKS key %q: %w", k.KeyID, err)
+		}
 	}
 	return &set, nil
+}
+
+// MinRSABits is the smallest RSA modulus Kiln trusts (NIST SP 800-57: 2048
+// bits until 2030; the SMART Backend Services examples use 2048 or more).
+const MinRSABits = 2048
+
+// StrongEnough refuses public keys too weak to sign assertions or tokens:
+// RSA below MinRSABits, and elliptic curves other than P-256, P-384, P-521.
+// Every key Kiln accepts (client registration, JWKS files and URLs) passes
+// through it.
+func StrongEnough(key any) error {
+	switch k := key.(type) {
+	case *rsa.PublicKey:
+		if n := k.N.BitLen(); n < MinRSABits {
+			return fmt.Errorf("an RSA key of %d bits is too weak: at least %d are required", n, MinRSABits)
+		}
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256(), elliptic.P384(), elliptic.P521():
+		default:
+			return fmt.Errorf("elliptic curve %s is not accepted: use P-256, P-384 or P-521", k.Curve.Params().Name)
+		}
+	default:
+		return fmt.Errorf("key type %T is not accepted: use RSA (≥ %d bits) or EC (P-256, P-384, P-521)", key, MinRSABits)
+	}
+	return nil
 }
 
 // remoteKeys is a JWKS fetched from a URL: cached, fetched again when a token

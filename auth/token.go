@@ -72,8 +72,11 @@ func (s *TokenServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			te = tokenErr(http.StatusInternalServerError, "server_error", "the token could not be issued")
 		}
 		w.Header().Set("Content-Type", "application/json")
-		if te.status == http.StatusUnauthorized {
+		switch te.status {
+		case http.StatusUnauthorized:
 			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+		case http.StatusMethodNotAllowed:
+			w.Header().Set("Allow", http.MethodPost)
 		}
 		w.WriteHeader(te.status)
 		json.NewEncoder(w).Encode(map[string]string{"error": te.code, "error_description": te.desc})

@@ -37,7 +37,10 @@ type Config struct {
 	Skew time.Duration
 	// PrincipalClaim names the claim that identifies the principal (default sub).
 	PrincipalClaim string
-	Now            func() time.Time
+	// Tenancy says what a token without access/ scopes may read (default
+	// kiln.TenancyNone: everything its resource scopes allow).
+	Tenancy kiln.Tenancy
+	Now     func() time.Time
 }
 
 // Verifier checks bearer tokens.
@@ -65,6 +68,11 @@ func NewVerifier(cfg Config) (*Verifier, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	t, err := kiln.ParseTenancy(string(cfg.Tenancy))
+	if err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	cfg.Tenancy = t
 	v := &Verifier{cfg: cfg}
 	if cfg.JWKSFile != "" {
 		b, err := os.ReadFile(cfg.JWKSFile)
@@ -213,8 +221,11 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 			scope = strings.Join(parts, " ")
 		}
 	}
-	return ParseScopes(name, scope), nil
+	return ParseScopes(name, scope).Under(v.cfg.Tenancy), nil
 }
+
+// Tenancy is the tenancy the verifier applies to every token.
+func (v *Verifier) Tenancy() kiln.Tenancy { return v.cfg.Tenancy }
 
 // Mint signs a token with Kiln's key (the token endpoint and kiln token use it).
 // MaxTokenLifetime bounds the lifetime of tokens Kiln issues and accepts from itself.

@@ -69,12 +69,40 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 		},
 		"fhirVersion": "4.0.1",
 		"format":      []string{"application/fhir+json", "json"},
-		"rest": []map[string]any{{
-			"mode":        "server",
-			"interaction": []capInteraction{{"transaction"}, {"batch"}},
-			"resource":    capResources(),
-			"operation":   []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}},
-		}},
+		"rest":        []map[string]any{s.capRest(r)},
 	}
 	writeJSON(w, http.StatusOK, fhirJSON, cs)
+}
+
+// capRest is the CapabilityStatement's rest entry; with authentication on,
+// its security says so the way SMART clients look for it: the SMART-on-FHIR
+// service coding and the oauth-uris extension naming the token endpoint
+// (SMART App Launch 2, "Conformance"), the same facts as
+// /.well-known/smart-configuration.
+func (s *Server) capRest(r *http.Request) map[string]any {
+	rest := map[string]any{
+		"mode":        "server",
+		"interaction": []capInteraction{{"transaction"}, {"batch"}},
+		"resource":    capResources(),
+		"operation":   []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}},
+	}
+	if s.cfg.Verifier == nil {
+		return rest
+	}
+	sec := map[string]any{
+		"cors": false,
+		"service": []map[string]any{{
+			"coding": []map[string]string{{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}},
+			"text":   "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+		}},
+		"description": "Bearer tokens (RFC 6750) on every endpoint but metadata, discovery, health and the token endpoint; SMART Backend Services (client_credentials with private_key_jwt) at the token endpoint.",
+	}
+	if s.cfg.Token != nil {
+		sec["extension"] = []map[string]any{{
+			"url":       "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+			"extension": []map[string]string{{"url": "token", "valueUri": s.publicURL(r, "/auth/token")}},
+		}}
+	}
+	rest["security"] = sec
+	return rest
 }

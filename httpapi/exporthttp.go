@@ -61,8 +61,8 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 			s.writeError(w, r, err)
 			return
 		}
-		if !p.HasAccessScope {
-			s.writeError(w, r, auth.Forbidden("the token has no access/ scope, so it may export no records"))
+		if p.ReadsNoTenant() {
+			s.writeError(w, r, auth.Forbidden("the token has no access/ scope, so it may export no records: this server runs with --tenancy %s, where each token must name its tenants (access/<code>.read)", kiln.TenancyAccessTags))
 			return
 		}
 		req, err := export.ParseKickOff(k)

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/kiln-fhir/kiln"
 )
@@ -90,6 +92,10 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	if e.Code == kiln.EUNAUTHORIZED {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+	}
+	if e.Code == kiln.EFORBIDDEN && s.cfg.Verifier != nil {
+		// RFC 6750 §3.1: the token is good but does not reach this far.
+		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="insufficient_scope", error_description="%s"`, strings.ReplaceAll(e.Message, `"`, "'")))
 	}
 	oo := outcome{ResourceType: "OperationOutcome", Issue: []issue{{Severity: "error", Code: m.code, Diagnostics: e.Message, Expression: e.Expression}}}
 	for i, is := range e.Issues {

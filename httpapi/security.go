@@ -45,7 +45,12 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Requ
 	p, err := s.cfg.Verifier.Verify(r.Context(), token)
 	if err != nil {
 		desc := strings.ReplaceAll(kiln.ErrorMessage(err), `"`, "'")
-		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="invalid_token", error_description="%s"`, desc))
+		if token == "" {
+			// RFC 6750 §3.1: a request that sent no credentials gets no error code.
+			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+		} else {
+			w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="invalid_token", error_description="%s"`, desc))
+		}
 		s.log.Info("authentication failed", "path", r.URL.Path, "reason", desc)
 		s.cfg.Metrics.AuthFailure(failureReason(desc))
 		writeOutcome(w, http.StatusUnauthorized, "error", "security", kiln.ErrorMessage(err))
@@ -54,18 +59,28 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Requ
 	return r.WithContext(context.WithValue(r.Context(), principalKey{}, p))
 }
 
-// smartConfiguration answers /.well-known/smart-configuration (SMART App Launch 2 / Backend Services).
+// smartConfiguration answers /.well-known/smart-configuration (SMART App
+// Launch 2 / Backend Services). Without authentication there is nothing to
+// discover, and a 404 is what tells an auto-detecting client to send no token.
 func (s *Server) smartConfiguration(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Verifier == nil {
+		writeOutcome(w, http.StatusNotFound, "error", "not-found", "authentication is off: this server takes requests without tokens")
+		return
+	}
 	root := s.publicURL(r, "")
 	cfg := map[string]any{
 		"issuer":                                root + s.cfg.BasePath,
-		"jwks_uri":                              root + "/auth/jwks",
-		"token_endpoint":                        root + "/auth/token",
 		"token_endpoint_auth_methods_supported": []string{"private_key_jwt"},
 		"token_endpoint_auth_signing_alg_values_supported": []string{"RS384", "ES384"},
 		"grant_types_supported":                            []string{"client_credentials"},
 		"scopes_supported":                                 []string{"system/*.read", "system/*.rs", "user/*.read", "user/*.rs", "access/*.read"},
 		"capabilities":                                     []string{"client-confidential-asymmetric", "permission-v1", "permission-v2"},
+	}
+	if s.cfg.Key != nil {
+		cfg["jwks_uri"] = root + "/auth/jwks"
+	}
+	if s.cfg.Token != nil {
+		cfg["token_endpoint"] = root + "/auth/token"
 	}
 	writeJSON(w, http.StatusOK, "application/json", cfg)
 }

@@ -130,7 +130,7 @@ func (s *Server) routes() {
 	h("GET /.well-known/smart-configuration", s.smartConfiguration)
 	h("GET "+b+"/.well-known/smart-configuration", s.smartConfiguration)
 	h("GET /auth/jwks", s.jwks)
-	h("POST /auth/token", s.token)
+	h("/auth/token", s.token) // every method: the token endpoint answers 405 itself
 	h("GET /readyz", s.readyz)
 	h("GET "+b+"/metadata", s.metadata)
 	if s.cfg.MetricsHandler != nil {

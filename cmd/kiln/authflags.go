@@ -22,7 +22,7 @@ type authFlags struct {
 	mode, issuer, audience        string
 	jwksURL, jwksFile, secretFile string
 	trusted, algorithms, claim    string
-	signingKey                    string
+	signingKey, tenancy           string
 	insecureNoAuth                bool
 }
 
@@ -37,6 +37,7 @@ func (a *authFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&a.trusted, "auth-trusted-issuers", "", "comma-separated iss values accepted from those keys (default: any)")
 	fs.StringVar(&a.algorithms, "auth-algorithms", "", "comma-separated JWS algorithms accepted from other issuers (default: RS256,RS384,RS512,ES256,ES384,ES512,PS256; HS256 with a secret)")
 	fs.StringVar(&a.claim, "auth-principal-claim", "sub", "token claim that names the principal owning export jobs (e.g. username)")
+	fs.StringVar(&a.tenancy, "tenancy", string(kiln.TenancyNone), "none (access/ scopes optional: a token without one reads every record its resource scopes allow) or access-tags (the Helix contract: a token without an access/ scope may read and export nothing)")
 	fs.StringVar(&a.signingKey, "auth-signing-key", "", "PEM file of Kiln's token signing key, created if missing (default: <data>/auth/signing-key.pem)")
 }
 
@@ -80,7 +81,7 @@ func (a *authFlags) verifier(public, basePath, data string) (*auth.Verifier, *au
 	v, err := auth.NewVerifier(auth.Config{
 		Issuer: issuer, Audience: a.audience, Key: key,
 		TrustedIssuers: splitList(a.trusted), JWKSURL: a.jwksURL, JWKSFile: a.jwksFile, SecretFile: a.secretFile,
-		Algorithms: splitList(a.algorithms), PrincipalClaim: a.claim,
+		Algorithms: splitList(a.algorithms), PrincipalClaim: a.claim, Tenancy: kiln.Tenancy(a.tenancy),
 	})
 	return v, key, err
 }
