@@ -19,6 +19,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/httpapi"
@@ -50,6 +51,10 @@ type envOpts struct {
 	exportCfg  export.Config
 	httpCfg    httpapi.Config
 	keepServer bool
+	// tenancy is the --tenancy of an authenticated env (newAuthEnv); empty
+	// there means kiln.TenancyAccessTags, the multi-tenant contract most
+	// security tests are about.
+	tenancy kiln.Tenancy
 }
 
 // testStore is the store under test: SQLite, or PostgreSQL when

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"mime"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -194,7 +195,56 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeResource(w, r, http.StatusOK, res)
+	s.writeRead(w, r, res)
+}
+
+// writeRead answers a read or vread. A Binary is served as its own content,
+// with its contentType, unless the client asks for FHIR (R4 Binary, "Serving
+// Binary Resources using the RESTful API": a request whose Accept names no
+// FHIR format gets the native form).
+func (s *Server) writeRead(w http.ResponseWriter, r *http.Request, res *kiln.Resource) {
+	if res.Type != "Binary" || wantsFHIR(r) {
+		s.writeResource(w, r, http.StatusOK, res)
+		return
+	}
+	var b struct {
+		ContentType string `json:"contentType"`
+		Data        []byte `json:"data"` // base64 in JSON
+	}
+	if err := json.Unmarshal(res.Body, &b); err != nil || b.ContentType == "" {
+		s.writeResource(w, r, http.StatusOK, res) // nothing native to serve
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", b.ContentType)
+	h.Set("ETag", fmt.Sprintf(`W/"%d"`, res.Version))
+	h.Set("Last-Modified", res.LastUpdated.UTC().Format(http.TimeFormat))
+	// The content is whatever a client stored: never let a browser run it
+	// in this origin.
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Security-Policy", "sandbox")
+	h.Set("Content-Disposition", "attachment")
+	w.WriteHeader(http.StatusOK)
+	w.Write(b.Data)
+}
+
+// wantsFHIR reports whether the request asks for a FHIR format: _format, or
+// an Accept naming FHIR JSON (or plain JSON, which Kiln serves as FHIR).
+func wantsFHIR(r *http.Request) bool {
+	if r.URL.Query().Get("_format") != "" {
+		return true
+	}
+	for _, part := range strings.Split(strings.Join(r.Header.Values("Accept"), ","), ",") {
+		mt, _, err := mime.ParseMediaType(strings.TrimSpace(part))
+		if err != nil {
+			continue
+		}
+		switch mt {
+		case "application/fhir+json", "application/json", "application/fhir+xml", "application/xml+fhir", "application/json+fhir":
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
@@ -223,7 +273,7 @@ func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeResource(w, r, http.StatusOK, res)
+	s.writeRead(w, r, res)
 }
 
 func (s *Server) delete(w http.ResponseWriter, r *http.Request) {

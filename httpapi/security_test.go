@@ -37,9 +37,13 @@ type authRig struct {
 }
 
 // newAuthEnv runs Kiln with --auth jwt: its own key, plus an RSA JWKS file
-// for tokens of a trusted issuer "https://idp.example".
+// for tokens of a trusted issuer "https://idp.example"; --tenancy is
+// o.tenancy, access-tags when unset.
 func newAuthEnv(t *testing.T, o envOpts) *authRig {
 	t.Helper()
+	if o.tenancy == "" {
+		o.tenancy = kiln.TenancyAccessTags
+	}
 	dir := t.TempDir()
 	key, err := auth.LoadOrCreateKey(filepath.Join(dir, "signing-key.pem"))
 	if err != nil {
@@ -51,7 +55,7 @@ func newAuthEnv(t *testing.T, o envOpts) *authRig {
 	os.WriteFile(jwksFile, jwks, 0o600)
 	r := &authRig{key: key, rsaKey: rk}
 	o.configure = func(e *env, hc *httpapi.Config, _ *export.Config) {
-		v, err := auth.NewVerifier(auth.Config{Issuer: e.base, Key: key, JWKSFile: jwksFile, TrustedIssuers: []string{"https://idp.example"}})
+		v, err := auth.NewVerifier(auth.Config{Issuer: e.base, Key: key, JWKSFile: jwksFile, TrustedIssuers: []string{"https://idp.example"}, Tenancy: o.tenancy})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -441,15 +445,16 @@ func TestBackendServices(t *testing.T) {
 		status int
 		code   string
 	}{
-		{"replayed jti", form(first, ""), 401, "invalid_grant"},
-		{"unknown client", form(assertion(jwt.MapClaims{"iss": "nobody", "sub": "nobody", "aud": tokenURL, "exp": time.Now().Add(time.Minute).Unix(), "jti": "j2"}, ck, jwt.SigningMethodES384, "c1"), ""), 401, "invalid_client"},
+		{"replayed jti", form(first, "system/*.read"), 401, "invalid_client"},
+		{"no scope", form(assertion(claims("jti-8"), ck, jwt.SigningMethodES384, "c1"), ""), 400, "invalid_scope"},
+		{"unknown client", form(assertion(jwt.MapClaims{"iss": "nobody", "sub": "nobody", "aud": tokenURL, "exp": time.Now().Add(time.Minute).Unix(), "jti": "j2"}, ck, jwt.SigningMethodES384, "c1"), "system/*.read"), 401, "invalid_client"},
 		{"scope not granted", form(assertion(claims("jti-3"), ck, jwt.SigningMethodES384, "c1"), "system/*.write"), 400, "invalid_scope"},
-		{"wrong key", form(assertion(claims("jti-4"), otherKey, jwt.SigningMethodES384, "c1"), ""), 401, "invalid_client"},
-		{"wrong audience", form(assertion(jwt.MapClaims{"iss": "bulk-client", "sub": "bulk-client", "aud": "https://x", "exp": time.Now().Add(time.Minute).Unix(), "jti": "j5"}, ck, jwt.SigningMethodES384, "c1"), ""), 401, "invalid_client"},
-		{"exp too far", form(assertion(jwt.MapClaims{"iss": "bulk-client", "sub": "bulk-client", "aud": tokenURL, "exp": time.Now().Add(time.Hour).Unix(), "jti": "j6"}, ck, jwt.SigningMethodES384, "c1"), ""), 401, "invalid_client"},
+		{"wrong key", form(assertion(claims("jti-4"), otherKey, jwt.SigningMethodES384, "c1"), "system/*.read"), 401, "invalid_client"},
+		{"wrong audience", form(assertion(jwt.MapClaims{"iss": "bulk-client", "sub": "bulk-client", "aud": "https://x", "exp": time.Now().Add(time.Minute).Unix(), "jti": "j5"}, ck, jwt.SigningMethodES384, "c1"), "system/*.read"), 401, "invalid_client"},
+		{"exp too far", form(assertion(jwt.MapClaims{"iss": "bulk-client", "sub": "bulk-client", "aud": tokenURL, "exp": time.Now().Add(time.Hour).Unix(), "jti": "j6"}, ck, jwt.SigningMethodES384, "c1"), "system/*.read"), 401, "invalid_client"},
 		{"ES256 not allowed", func() url.Values {
 			k256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-			return form(assertion(claims("j7"), k256, jwt.SigningMethodES256, "c1"), "")
+			return form(assertion(claims("j7"), k256, jwt.SigningMethodES256, "c1"), "system/*.read")
 		}(), 401, "invalid_client"},
 		{"bad grant type", url.Values{"grant_type": {"not_a_grant_type"}}, 400, "unsupported_grant_type"},
 		{"bad assertion type", url.Values{"grant_type": {"client_credentials"}, "client_assertion_type": {"not_an_assertion_type"}, "client_assertion": {first}}, 400, "invalid_request"},
@@ -467,7 +472,7 @@ func TestBackendServices(t *testing.T) {
 	second := &auth.TokenServer{Verifier: r.verifier, Clients: r.db.(kiln.ClientStore), URL: tokenURL}
 	viaSecond := func(a string) int {
 		rec := httptest.NewRecorder()
-		req := httptest.NewRequest("POST", tokenURL, strings.NewReader(form(a, "").Encode()))
+		req := httptest.NewRequest("POST", tokenURL, strings.NewReader(form(a, "system/*.read").Encode()))
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		second.ServeHTTP(rec, req)
 		return rec.Code
@@ -479,7 +484,7 @@ func TestBackendServices(t *testing.T) {
 	if code := viaSecond(fresh); code != 200 {
 		t.Errorf("a fresh assertion on the second server: %d", code)
 	}
-	if res := post(form(fresh, "")); res.StatusCode != 401 {
+	if res := post(form(fresh, "system/*.read")); res.StatusCode != 401 {
 		t.Errorf("replayed on the first server after the second took it: %d", res.StatusCode)
 	}
 }
