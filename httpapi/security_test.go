@@ -173,7 +173,14 @@ func TestAuthRejectsBadTokens(t *testing.T) {
 // tenants A and B, and returns the folder and each tenant's Type/id set.
 func tagged(t *testing.T) (string, map[string]map[string]bool) {
 	t.Helper()
-	src := dataDir(t, "synthea-r4-100")
+	return taggedSet(t, "synthea-r4-100")
+}
+
+// taggedSet copies a Synthea set with every resource tagged tenantA or
+// tenantB in turn, and returns the folder and which type/id each owns.
+func taggedSet(t *testing.T, set string) (string, map[string]map[string]bool) {
+	t.Helper()
+	src := dataDir(t, set)
 	out := t.TempDir()
 	owned := map[string]map[string]bool{"tenantA": {}, "tenantB": {}}
 	files, _ := filepath.Glob(filepath.Join(src, "*.ndjson.gz"))
