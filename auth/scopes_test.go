@@ -1,8 +1,18 @@
 package auth
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/json"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/go-jose/go-jose/v4"
+
+	"github.com/kiln-fhir/kiln"
 )
 
 func TestParseScopes(t *testing.T) {
@@ -85,5 +95,141 @@ func TestScopeFilters(t *testing.T) {
 	}
 	if p := ParseScopes("u", "system/Observation.rs?category=laboratory"); p.Matches("Observation", []byte("not json")) {
 		t.Error("an undecodable body matches a filter")
+	}
+}
+
+// TestScopeAlgebra: v1 and v2 spellings mean the same grants, wildcards and
+// narrowing are covered by meaning, and Grant keeps what is covered.
+func TestScopeAlgebra(t *testing.T) {
+	same := [][2]string{
+		{"system/*.read", "system/*.rs"},
+		{"system/*.write", "system/*.cud"},
+		{"system/*.*", "system/*.cruds"},
+		{"user/Observation.read", "user/Observation.rs"},
+		{"patient/Patient.*", "patient/Patient.cruds"},
+		{"access/a.read", "access/a.rs"},
+	}
+	for _, p := range same {
+		a, errA := ParseScope(p[0])
+		b, errB := ParseScope(p[1])
+		if errA != nil || errB != nil || a != b {
+			t.Errorf("%s and %s: %+v %v, %+v %v", p[0], p[1], a, errA, b, errB)
+		}
+	}
+	for _, bad := range []string{"openid", "launch/patient", "system/*", "system/*.", "system/*.sr", "system/*.rr", "system/*.x", "system/.rs", "fhirUser", "other/*.rs", "system/Bad-Type!.rs", "system/Observation.rs?"} {
+		if sc, err := ParseScope(bad); err == nil {
+			t.Errorf("%q parsed as %+v", bad, sc)
+		}
+	}
+	covers := []struct {
+		held, asked string
+		want        bool
+	}{
+		{"system/*.read", "system/*.rs", true},
+		{"system/*.rs", "system/*.read", true},
+		{"system/*.read", "system/Patient.rs", true},
+		{"system/*.read", "system/Patient.r", true},
+		{"system/*.read", "system/Observation.rs?category=laboratory", true},
+		{"system/Observation.rs?category=laboratory", "system/Observation.rs", false},
+		{"system/Observation.rs?category=laboratory", "system/Observation.rs?category=laboratory", true},
+		{"system/Observation.rs?category=laboratory", "system/Observation.rs?category=vital-signs", false},
+		{"system/Patient.rs", "system/*.rs", false},
+		{"system/Patient.rs", "system/Observation.rs", false},
+		{"system/*.read", "system/*.write", false},
+		{"system/*.read", "system/*.cruds", false},
+		{"system/*.*", "system/Patient.cud", true},
+		{"user/*.read", "system/*.read", false},
+		{"system/*.read", "user/*.read", false},
+		{"access/*.read", "access/tenantA.read", true},
+		{"access/tenantA.read", "access/tenantB.read", false},
+		{"access/tenantA.read", "access/tenantA.write", false},
+	}
+	for _, c := range covers {
+		held, _ := ParseScope(c.held)
+		asked, _ := ParseScope(c.asked)
+		if got := held.Covers(asked); got != c.want {
+			t.Errorf("%s covers %s: %v, want %v", c.held, c.asked, got, c.want)
+		}
+	}
+	grants := []struct {
+		registered, requested, granted string
+		dropped                        []string
+		err                            bool
+	}{
+		{"system/*.read", "system/*.rs", "system/*.rs", nil, false},
+		{"system/*.rs", "system/*.read", "system/*.read", nil, false},
+		{"system/*.read", "system/Patient.rs system/Observation.rs", "system/Patient.rs system/Observation.rs", nil, false},
+		{"system/*.read access/*.read", "system/Observation.rs access/*.read", "system/Observation.rs access/*.read", nil, false},
+		{"system/*.read", "system/*.rs openid launch system/*.write", "system/*.rs", []string{"openid", "launch", "system/*.write"}, false},
+		{"system/*.read", "system/*.rs system/*.rs", "system/*.rs", nil, false},
+		{"system/*.read", "system/*.write", "", []string{"system/*.write"}, true},
+		{"system/*.read", "", "", nil, true},
+		{"system/*.read", "   ", "", nil, true},
+		{"openid", "openid", "", []string{"openid"}, true},
+	}
+	for _, g := range grants {
+		granted, dropped, err := Grant(g.registered, g.requested)
+		if granted != g.granted || !slices.Equal(dropped, g.dropped) || (err != nil) != g.err {
+			t.Errorf("Grant(%q, %q) = %q %q %v, want %q %q err %v", g.registered, g.requested, granted, dropped, err, g.granted, g.dropped, g.err)
+		}
+	}
+}
+
+// TestTenancy: without access/ scopes a token reads every tenant under
+// TenancyNone and none under TenancyAccessTags; with them, only theirs.
+func TestTenancy(t *testing.T) {
+	for _, c := range []struct {
+		scope     string
+		tenancy   kiln.Tenancy
+		seesA     bool
+		seesB     bool
+		writesB   bool
+		noTenancy bool
+	}{
+		{"system/*.rs", kiln.TenancyNone, true, true, true, false},
+		{"system/*.rs", kiln.TenancyAccessTags, false, false, false, true},
+		{"system/*.rs access/a.read", kiln.TenancyNone, true, false, false, false},
+		{"system/*.rs access/a.read", kiln.TenancyAccessTags, true, false, false, false},
+		{"system/*.* access/a.*", kiln.TenancyNone, true, false, false, false},
+		{"system/*.rs access/*.read", kiln.TenancyAccessTags, true, true, false, false},
+	} {
+		p := ParseScopes("u", c.scope).Under(c.tenancy)
+		if p.CanSee([]string{"a"}) != c.seesA || p.CanSee([]string{"b"}) != c.seesB || p.CanTag([]string{"b"}) != c.writesB || p.ReadsNoTenant() != c.noTenancy {
+			t.Errorf("%q under %s: sees a %v b %v, writes b %v, reads no tenant %v", c.scope, c.tenancy, p.CanSee([]string{"a"}), p.CanSee([]string{"b"}), p.CanTag([]string{"b"}), p.ReadsNoTenant())
+		}
+	}
+	if _, err := kiln.ParseTenancy("helix"); err == nil {
+		t.Error("an unknown tenancy was accepted")
+	}
+	if tn, err := kiln.ParseTenancy(""); err != nil || tn != kiln.TenancyNone {
+		t.Errorf("default tenancy %q %v", tn, err)
+	}
+}
+
+// TestStrongEnough: weak keys are refused wherever Kiln reads a JWKS.
+func TestStrongEnough(t *testing.T) {
+	weak := `{"keys":[{"kty":"RSA","kid":"w","n":"AaWL","e":"AQAB"}]}` // a 17-bit modulus
+	if _, err := ParseJWKS([]byte(weak)); err == nil || !strings.Contains(err.Error(), "17 bits") {
+		t.Errorf("a 17-bit RSA key: %v", err)
+	}
+	k1024, _ := rsa.GenerateKey(rand.Reader, 1024)
+	k2048, _ := rsa.GenerateKey(rand.Reader, 2048)
+	ec384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	for _, c := range []struct {
+		name string
+		key  any
+		ok   bool
+	}{
+		{"RSA 1024", k1024.Public(), false},
+		{"RSA 2048", k2048.Public(), true},
+		{"EC P-384", ec384.Public(), true},
+	} {
+		b, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: c.key, KeyID: "k"}}})
+		if _, err := ParseJWKS(b); (err == nil) != c.ok {
+			t.Errorf("%s: %v", c.name, err)
+		}
+	}
+	if err := StrongEnough(&ecdsa.PublicKey{Curve: elliptic.P224()}); err == nil {
+		t.Error("P-224 accepted")
 	}
 }
