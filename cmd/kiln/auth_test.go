@@ -58,6 +58,15 @@ func TestClientAndTokenCommands(t *testing.T) {
 	if code, _, errOut := runCLI(t, "client", "add", "--data", data, "--id", "c2", "--scope", "x"); code != 1 || !strings.Contains(errOut, "jwks") {
 		t.Fatalf("client add without keys: %q", errOut)
 	}
+	// Issue 18, finding 8: a key too weak to trust is refused at registration.
+	weak := filepath.Join(t.TempDir(), "weak.jwks")
+	os.WriteFile(weak, []byte(`{"keys":[{"kty":"RSA","kid":"w","n":"AaWL","e":"AQAB"}]}`), 0o600)
+	if code, _, errOut := runCLI(t, "client", "add", "--data", data, "--id", "weak", "--jwks-file", weak, "--scope", "system/*.rs"); code != 1 || !strings.Contains(errOut, "too weak") {
+		t.Errorf("client add with a 17-bit RSA key: %d %q", code, errOut)
+	}
+	if code, _, errOut := runCLI(t, "client", "add", "--data", data, "--id", "c3", "--jwks-file", f, "--scope", "system/*.rs openid"); code != 1 || !strings.Contains(errOut, "openid") {
+		t.Errorf("client add with a scope Kiln cannot grant: %d %q", code, errOut)
+	}
 	if code, out, _ := runCLI(t, "client", "remove", "--data", data, "--id", "c1"); code != 0 || !strings.Contains(out, "removed") {
 		t.Fatalf("client remove: %q", out)
 	}

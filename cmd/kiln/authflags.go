@@ -138,6 +138,13 @@ func cmdClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if *id == "" || *scope == "" || (*jwksFile == "") == (*jwksURL == "") {
 			return fmt.Errorf("kiln client add needs --id, --scope and one of --jwks-file or --jwks-url")
 		}
+		// A scope Kiln cannot read could never be granted: refuse it now
+		// rather than at the client's first token request.
+		for _, f := range strings.Fields(*scope) {
+			if _, err := auth.ParseScope(f); err != nil {
+				return fmt.Errorf("--scope: %w", err)
+			}
+		}
 		c := &kiln.Client{ID: *id, JWKSURL: *jwksURL, Scope: *scope, Created: time.Now().UTC()}
 		if *jwksFile != "" {
 			b, err := os.ReadFile(*jwksFile)
