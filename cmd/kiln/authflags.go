@@ -197,7 +197,7 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	data := fs.String("data", "./kiln-data", "data folder holding Kiln's signing key")
 	public := fs.String("public-url", "http://127.0.0.1:8080", "the server's scheme://host:port (its issuer is this plus --base-path)")
 	basePath := fs.String("base-path", "/4_0_0", "FHIR base path")
-	scope := fs.String("scope", "system/*.read access/*.read", "scopes of the token")
+	scope := fs.String("scope", "system/*.read", "scopes of the token (add access/<code>.read, or access/*.read, for a server with --tenancy access-tags)")
 	sub := fs.String("sub", "dev", "principal (sub)")
 	lifetime := fs.Duration("lifetime", 5*time.Minute, "token lifetime")
 	fs.Usage = func() {

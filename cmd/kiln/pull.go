@@ -50,7 +50,7 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	keyFile := fs.String("private-key", "", "client private key: JWK (with kid) or PEM")
 	keyID := fs.String("key-id", "", "kid for a PEM key")
 	tokenURL := fs.String("token-url", "", "token endpoint (default: discovered from /.well-known/smart-configuration)")
-	scope := fs.String("scope", "", "scopes to ask the token endpoint for (default system/*.read, or system/*.rs for a SMART v2-only server; Kiln also needs access/ scopes, e.g. 'system/*.read access/*.read')")
+	scope := fs.String("scope", "", "scopes to ask the token endpoint for (default system/*.read, or system/*.rs for a SMART v2-only server; add access/<code>.read to limit the export to tenants, as a Kiln server with --tenancy access-tags requires)")
 	resume := fs.String("resume", "", "continue the interrupted pull in this folder")
 	sinceLast := fs.String("since-last", "", "pull incrementally into this folder: _since its last transactionTime; deletions and new versions replace older lines")
 	cancelOnInterrupt := fs.Bool("cancel-on-interrupt", false, "on Ctrl-C, cancel the export without asking")
