@@ -244,7 +244,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.basePath, "data", c.data, "version", version())
 	if c.demo {
-		printDemo(stdout, public+c.basePath)
+		var tokenCmd string
+		if c.auth.mode == "jwt" {
+			tokenCmd = fmt.Sprintf("kiln token --data %s --public-url %s --base-path %s", c.data, public, c.basePath)
+			if c.auth.tenancy == string(kiln.TenancyAccessTags) {
+				tokenCmd += " --scope 'system/*.read access/*.read'"
+			}
+		}
+		printDemo(stdout, public+c.basePath, tokenCmd)
 	}
 	select {
 	case err := <-serveErr:
@@ -294,10 +301,18 @@ func seedDemo(ctx context.Context, db backend, c *serveConfig, log *slog.Logger)
 	return nil
 }
 
-func printDemo(w io.Writer, base string) {
+// printDemo shows requests to paste; with authentication on, they carry a
+// token from tokenCmd.
+func printDemo(w io.Writer, base, tokenCmd string) {
+	fmt.Fprintf(w, "\nKiln is running with demo data at %s\n", base)
+	if tokenCmd != "" {
+		fmt.Fprintf(w, `
+Authentication is on: get a token (system/*.read, valid 5 minutes) and send it with each request:
+  export TOKEN=$(%s)
+  alias curl='curl -H "Authorization: Bearer $TOKEN"'
+`, tokenCmd)
+	}
 	fmt.Fprintf(w, `
-Kiln is running with demo data at %[1]s
-
 Try:
   curl -s %[1]s/metadata | head -c 300; echo
   curl -s '%[1]s/Patient?_count=2'
