@@ -233,8 +233,13 @@ func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.Expo
 			return nil, err
 		}
 	}
-	if missing := minus(ids, found); len(missing) > 0 {
-		return nil, kiln.Invalid("patient", "patient %s does not exist", refs("Patient", missing))
+	missing := minus(ids, found)
+	if len(missing) > 0 && !req.Lenient {
+		return nil, kiln.Invalid("patient", "patient %s does not exist (send Prefer: handling=lenient to export those that do)", refs("Patient", missing))
+	}
+	// Lenient: what exists is exported, and each missing id is an error-file line.
+	for _, id := range missing {
+		req.Warnings = append(req.Warnings, kiln.Issue{Expression: "patient", Message: fmt.Sprintf("Patient/%s does not exist; skipped", id)})
 	}
 	return found, nil
 }
@@ -344,6 +349,7 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		u.Job, u.Seq = job.ID, len(units)
 		units = append(units, u)
 	}
+	assoc := planAssociated(req)
 	// The error file first: it is known now, and partial manifest pages,
 	// which all list it, can start as soon as it is written.
 	if len(req.Warnings) > 0 {
@@ -386,6 +392,9 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 				add(kiln.Unit{Kind: kiln.UnitSupporting, Type: t})
 			}
 		}
+	}
+	if assoc && len(exported) > 0 && slices.Contains(present, "Provenance") && (req.Level == kiln.LevelSystem || patients > 0) {
+		add(kiln.Unit{Kind: kiln.UnitAssociated, Type: "Provenance", Types: exported, PatientHi: patients - 1})
 	}
 	if req.Since != nil {
 		dt := exported
