@@ -217,7 +217,18 @@ func TestIncludeAssociatedDataOnGeneratedData(t *testing.T) {
 			}
 			got := ids(t, out["output/Provenance"])
 			if w := slices.Sorted(maps.Keys(tc.want)); !slices.Equal(got, w) {
-				t.Errorf("Provenance %d %v\nwant %d %v", len(got), got, len(w), w)
+				var extra, missing []string
+				for _, id := range got {
+					if !tc.want[id] {
+						extra = append(extra, id)
+					}
+				}
+				for _, id := range w {
+					if !slices.Contains(got, id) {
+						missing = append(missing, id)
+					}
+				}
+				t.Errorf("%d Provenance, want %d: not expected %v, missing %v", len(got), len(w), extra, missing)
 			}
 			if !slices.ContainsFunc(job.Files, func(f kiln.File) bool { return f.Type == "Provenance" && f.Kind == "output" }) {
 				t.Errorf("no Provenance file in the manifest: %+v", job.Files)
