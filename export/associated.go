@@ -20,32 +20,74 @@ const (
 
 // provenance is what the Provenance pass keeps of one Provenance resource.
 type provenance struct {
-	id       string
-	recorded time.Time
-	updated  time.Time
+	id string
+	// recorded and updated, in Unix milliseconds (FHIR instants are no finer).
+	recorded, updated int64
 }
 
 // newer orders Provenance of one target: by recorded, then meta.lastUpdated,
 // then id, so that "the latest" is one and the same on every run.
 func (p provenance) newer(o provenance) bool {
-	if !p.recorded.Equal(o.recorded) {
-		return p.recorded.After(o.recorded)
+	if p.recorded != o.recorded {
+		return p.recorded > o.recorded
 	}
-	if !p.updated.Equal(o.updated) {
-		return p.updated.After(o.updated)
+	if p.updated != o.updated {
+		return p.updated > o.updated
 	}
 	return p.id > o.id
+}
+
+// targetIndex maps a target ("Type/id") to the Provenance that name it. Most
+// targets have one Provenance, kept in one; the rest are in more. It is the
+// pass's memory: about 100 bytes per target of an exported type.
+type targetIndex struct {
+	one  map[string]int32
+	more map[string][]int32
+}
+
+func (x *targetIndex) add(key string, i int32) {
+	first, ok := x.one[key]
+	switch {
+	case !ok:
+		x.one[key] = i
+	case first == i:
+	default:
+		l := x.more[key]
+		if len(l) == 0 || l[len(l)-1] != i {
+			x.more[key] = append(l, i)
+		}
+	}
+}
+
+// each calls fn with the Provenance of key.
+func (x *targetIndex) each(key string, fn func(int32)) {
+	first, ok := x.one[key]
+	if !ok {
+		return
+	}
+	fn(first)
+	for _, i := range x.more[key] {
+		fn(i)
+	}
+}
+
+func instantMS(s string) int64 {
+	t, _, _, err := fhir.ParseDateTime(s)
+	if err != nil {
+		return 0
+	}
+	return t.UnixMilli()
 }
 
 // associated writes the Provenance of the resources the job exports
 // (includeAssociatedData). It reads the Provenance the job may see (its
 // tenants, the token's Provenance scope filters, as of the snapshot) and
-// indexes them by target; then it walks the job's own selection of the
-// targeted types, the same scans the other units write, to learn which
-// targets are exported; last it writes the chosen Provenance. A Provenance
-// the export holds anyway (Provenance in _type, or in a patient's
-// compartment) is not written again. The unit reads the selection anew
-// rather than waiting on the other units, so it runs beside them.
+// indexes them by their targets of exported types; then it walks the job's
+// own selection of the targeted types, the same scans the other units write,
+// to learn which targets are exported; last it writes the chosen Provenance.
+// A Provenance the export holds anyway (Provenance in _type, or in a
+// patient's compartment) is not written again. The unit reads the selection
+// anew rather than waiting on the other units, so it runs beside them.
 func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w *partWriter) error {
 	req := &job.Request
 	latest := slices.Contains(req.IncludeAssociatedData, LatestProvenance)
@@ -55,8 +97,8 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 	pq := baseQuery(job)
 	pq.Type, pq.Since, pq.Until = "Provenance", time.Time{}, time.Time{}
 	var provs []provenance
-	byID := map[string]int{}
-	byTarget := map[kiln.Ref][]int{}
+	byID := map[string]int32{}
+	targets := targetIndex{one: map[string]int32{}, more: map[string][]int32{}}
 	targeted := map[string]bool{}
 	err := s.selection(ctx, req, pq, func(body []byte) error {
 		var p struct {
@@ -72,19 +114,15 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 		if err := json.Unmarshal(body, &p); err != nil {
 			return fmt.Errorf("decode stored Provenance: %w", err)
 		}
-		rec, _, _, _ := fhir.ParseDateTime(p.Recorded)
-		upd, _, _, _ := fhir.ParseDateTime(p.Meta.LastUpdated)
-		i := len(provs)
-		provs = append(provs, provenance{id: p.ID, recorded: rec, updated: upd})
+		i := int32(len(provs))
+		provs = append(provs, provenance{id: p.ID, recorded: instantMS(p.Recorded), updated: instantMS(p.Meta.LastUpdated)})
 		byID[p.ID] = i
 		for _, t := range p.Target {
 			ref, ok := fhir.ParseReference(t.Reference, s.cfg.Ref)
-			if !ok {
+			if !ok || !slices.Contains(u.Types, ref.Type) {
 				continue
 			}
-			if l := byTarget[ref]; len(l) == 0 || l[len(l)-1] != i {
-				byTarget[ref] = append(l, i)
-			}
+			targets.add(ref.Type+"/"+ref.ID, i)
 			targeted[ref.Type] = true
 		}
 		return nil
@@ -120,22 +158,16 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 					exported[i] = true
 				}
 			}
-			list := byTarget[kiln.Ref{Type: typ, ID: r.ID}]
-			if len(list) == 0 {
-				return nil
-			}
-			if relevant {
-				for _, i := range list {
+			best := int32(-1)
+			targets.each(typ+"/"+r.ID, func(i int32) {
+				if relevant {
 					chosen[i] = true
 				}
-			}
-			if latest {
-				best := list[0]
-				for _, i := range list[1:] {
-					if provs[i].newer(provs[best]) {
-						best = i
-					}
+				if best < 0 || provs[i].newer(provs[best]) {
+					best = i
 				}
+			})
+			if latest && best >= 0 {
 				chosen[best] = true
 			}
 			return nil
@@ -183,4 +215,12 @@ func planAssociated(req *kiln.ExportRequest) bool {
 		return false
 	}
 	return true
+}
+
+// allProvenance reports whether the job's own Provenance output already
+// holds every Provenance it may see (a system export of Provenance with no
+// window or filter on it): then the Provenance pass could add nothing.
+func allProvenance(req *kiln.ExportRequest, exported []string) bool {
+	return req.Level == kiln.LevelSystem && slices.Contains(exported, "Provenance") && req.Since == nil && req.Until == nil &&
+		len(req.TypeFilters["Provenance"]) == 0 && len(req.ScopeFilters["Provenance"]) == 0
 }

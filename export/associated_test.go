@@ -364,3 +364,48 @@ func TestLenientMissingPatients(t *testing.T) {
 		t.Errorf("job covers %d patients", job.Patients)
 	}
 }
+
+// TestIncludeAssociatedDataCompartmentProvenanceOnce: on a Patient export
+// without _type, a Provenance of the patient (in its compartment) is written
+// by the compartment unit and not again by the Provenance pass, which adds
+// the one outside the compartment; a system export of Provenance itself
+// holds each Provenance once, with no pass planned.
+func TestIncludeAssociatedDataCompartmentProvenanceOnce(t *testing.T) {
+	r := newRig(t, export.Config{Workers: 2})
+	r.put(t,
+		`{"resourceType":"Patient","id":"p1"}`,
+		`{"resourceType":"Patient","id":"p2"}`,
+		`{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p1"}}`,
+		`{"resourceType":"Observation","id":"o2","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p2"}}`,
+		`{"resourceType":"Provenance","id":"in-comp","target":[{"reference":"Patient/p1"},{"reference":"Observation/o1"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"reference":"Organization/x"}}]}`,
+		`{"resourceType":"Provenance","id":"outside","target":[{"reference":"Observation/o1"}],"recorded":"2021-01-01T00:00:00Z","agent":[{"who":{"reference":"Organization/x"}}]}`,
+		`{"resourceType":"Provenance","id":"other","target":[{"reference":"Observation/o2"}],"recorded":"2021-01-01T00:00:00Z","agent":[{"who":{"reference":"Organization/x"}}]}`,
+	)
+	for _, mode := range []string{export.RelevantProvenance, export.LatestProvenance} {
+		req := systemReq()
+		req.Level, req.Patients = kiln.LevelPatient, []string{"p1"}
+		req.IncludeAssociatedData = []string{mode}
+		job, out := r.exported(t, req)
+		// Latest: "outside" is the newest of o1, "in-comp" the only one of p1.
+		if got := ids(t, out["output/Provenance"]); !slices.Equal(got, []string{"in-comp", "outside"}) {
+			t.Errorf("%s: Provenance %v, want [in-comp outside]", mode, got)
+		}
+		plain := *req
+		plain.IncludeAssociatedData = nil
+		if base, _ := r.exported(t, &plain); job.UnitsTotal != base.UnitsTotal+1 {
+			t.Errorf("%s: %d units, %d without includeAssociatedData: want one more, the Provenance pass", mode, job.UnitsTotal, base.UnitsTotal)
+		}
+	}
+	req := systemReq()
+	req.Types, req.TypesGiven = []string{"Observation", "Provenance"}, true
+	req.IncludeAssociatedData = []string{export.RelevantProvenance}
+	job, out := r.exported(t, req)
+	if got := ids(t, out["output/Provenance"]); !slices.Equal(got, []string{"in-comp", "other", "outside"}) {
+		t.Errorf("system export of Provenance: %v", got)
+	}
+	plain := *req
+	plain.IncludeAssociatedData = nil
+	if base, _ := r.exported(t, &plain); job.UnitsTotal != base.UnitsTotal {
+		t.Errorf("%d units, %d without includeAssociatedData: a Provenance pass planned although the export holds every Provenance", job.UnitsTotal, base.UnitsTotal)
+	}
+}

@@ -393,7 +393,7 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 			}
 		}
 	}
-	if assoc && len(exported) > 0 && slices.Contains(present, "Provenance") && (req.Level == kiln.LevelSystem || patients > 0) {
+	if assoc && len(exported) > 0 && slices.Contains(present, "Provenance") && (req.Level == kiln.LevelSystem || patients > 0) && !allProvenance(req, exported) {
 		add(kiln.Unit{Kind: kiln.UnitAssociated, Type: "Provenance", Types: exported, PatientHi: patients - 1})
 	}
 	if req.Since != nil {
