@@ -305,14 +305,15 @@ func TestIncludeAssociatedDataTenantsAndLatest(t *testing.T) {
 		prov("pb", "b", "2020-06-01T00:00:00Z", "Observation/b1"),
 		prov("pa-oldest", "a", "2019-01-01T00:00:00Z", "Observation/a1"),
 	)
-	// Recorded as pa-new, written later: the newer by meta.lastUpdated.
-	r.put(t, prov("pa-tie", "a", "2021-01-01T00:00:00Z", "Observation/a1"))
+	// Recorded as pa-new, written later: the newer by meta.lastUpdated (and
+	// the older by id, so that only meta.lastUpdated makes it the latest).
+	r.put(t, prov("pa-0-tie", "a", "2021-01-01T00:00:00Z", "Observation/a1"))
 	for _, tc := range []struct {
 		tenant, mode string
 		want         []string
 	}{
-		{"a", export.RelevantProvenance, []string{"pa-new", "pa-old", "pa-oldest", "pa-tie"}},
-		{"a", export.LatestProvenance, []string{"pa-tie"}},
+		{"a", export.RelevantProvenance, []string{"pa-0-tie", "pa-new", "pa-old", "pa-oldest"}},
+		{"a", export.LatestProvenance, []string{"pa-0-tie"}},
 		{"b", export.RelevantProvenance, []string{"pb", "pb-newest"}},
 		{"b", export.LatestProvenance, []string{"pb-newest"}},
 	} {
