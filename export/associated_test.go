@@ -307,6 +307,11 @@ func TestIncludeAssociatedDataTenantsAndLatest(t *testing.T) {
 	)
 	// Recorded as pa-new, written later: the newer by meta.lastUpdated (and
 	// the older by id, so that only meta.lastUpdated makes it the latest).
+	// A snapshot between the writes makes the second one's lastUpdated later
+	// (writes in one millisecond may share it).
+	if _, err := r.db.SnapshotTime(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	r.put(t, prov("pa-0-tie", "a", "2021-01-01T00:00:00Z", "Observation/a1"))
 	for _, tc := range []struct {
 		tenant, mode string
