@@ -38,12 +38,19 @@ func TestIncludeAssociatedDataHTTP(t *testing.T) {
 		{"/Observation/a1", tenantObs("a1", "x", "tenantA")},
 		{"/Observation/b1", tenantObs("b1", "x", "tenantB")},
 		{"/Condition/c1", []byte(`{"resourceType":"Condition","id":"c1",` + meta("tenantA") + `,"subject":{"reference":"Patient/p1"}}`)},
+		// A patient's Observation and the Organization it references (a
+		// supporting resource of a Patient export).
+		{"/Patient/pA", []byte(`{"resourceType":"Patient","id":"pA",` + meta("tenantA") + `}`)},
+		{"/Organization/orgA", []byte(`{"resourceType":"Organization","id":"orgA",` + meta("tenantA") + `,"name":"A"}`)},
+		{"/Observation/a2", []byte(`{"resourceType":"Observation","id":"a2",` + meta("tenantA") + `,"status":"final","code":{"text":"x"},"subject":{"reference":"Patient/pA"},"performer":[{"reference":"Organization/orgA"}]}`)},
 	}
 	for _, p := range [][]any{
 		{"pa", "tenantA", "2020-01-01T00:00:00Z", []string{"Observation/a1"}},
 		{"pa2", "tenantA", "2021-01-01T00:00:00Z", []string{"Observation/a1"}},
 		{"pb", "tenantB", "2022-01-01T00:00:00Z", []string{"Observation/a1", "Observation/b1"}},
 		{"pc", "tenantA", "2020-01-01T00:00:00Z", []string{"Condition/c1"}},
+		{"pa3", "tenantA", "2020-01-01T00:00:00Z", []string{"Observation/a2"}},
+		{"porg", "tenantA", "2020-01-01T00:00:00Z", []string{"Organization/orgA"}},
 	} {
 		u, b := prov(p[0].(string), p[1].(string), p[2].(string), p[3].([]string)...)
 		puts = append(puts, [2]any{u, b})
@@ -56,11 +63,12 @@ func TestIncludeAssociatedDataHTTP(t *testing.T) {
 	for _, tc := range []struct {
 		mode string
 		want []string
-	}{{"RelevantProvenanceResources", []string{"pa", "pa2"}}, {"LatestProvenanceResources", []string{"pa2"}}} {
+	}{{"RelevantProvenanceResources", []string{"pa", "pa2", "pa3"}}, {"LatestProvenanceResources", []string{"pa2", "pa3"}}} {
 		loc := r.kickOff("GET", "/$export?_type=Observation&includeAssociatedData="+tc.mode, nil, alice...)
 		m := r.mustCompleteAuth(loc, aliceTok)
 		got := r.idsAuth(m, aliceTok)
-		if !slices.Equal(got["Observation"], []string{"a1"}) {
+		sort.Strings(got["Observation"])
+		if !slices.Equal(got["Observation"], []string{"a1", "a2"}) {
 			t.Errorf("%s: Observations %v", tc.mode, got["Observation"])
 		}
 		sort.Strings(got["Provenance"])
@@ -72,8 +80,17 @@ func TestIncludeAssociatedDataHTTP(t *testing.T) {
 		}
 	}
 
+	// A Patient export: the Provenance of the patient's Observation and of
+	// the Organization exported with it, not those of other Observations.
+	m := r.mustCompleteAuth(r.kickOff("GET", "/Patient/$export?_type=Observation,Organization&includeAssociatedData=RelevantProvenanceResources", nil, alice...), aliceTok)
+	got := r.idsAuth(m, aliceTok)
+	sort.Strings(got["Provenance"])
+	if !slices.Equal(got["Observation"], []string{"a2"}) || !slices.Equal(got["Organization"], []string{"orgA"}) || !slices.Equal(got["Provenance"], []string{"pa3", "porg"}) {
+		t.Errorf("Patient export: %v", got)
+	}
+
 	loc := r.kickOff("GET", "/$export?_type=Observation&includeAssociatedData=RelevantProvenanceResources", nil, bearer(olga)...)
-	m := r.mustCompleteAuth(loc, olga)
+	m = r.mustCompleteAuth(loc, olga)
 	if got := r.idsAuth(m, olga); len(got["Provenance"]) != 0 || len(m.Error) != 1 {
 		t.Fatalf("token without Provenance: Provenance %v, error files %+v", got["Provenance"], m.Error)
 	}
@@ -87,7 +104,7 @@ func TestIncludeAssociatedDataHTTP(t *testing.T) {
 	}
 	loc = r.kickOff("GET", "/$export?_type=Observation&includeAssociatedData=Everything", nil, append(alice, "Prefer", "respond-async, handling=lenient")...)
 	m = r.mustCompleteAuth(loc, aliceTok)
-	if got := r.idsAuth(m, aliceTok); len(got["Provenance"]) != 0 || !slices.Equal(got["Observation"], []string{"a1"}) || len(m.Error) != 1 {
+	if got := r.idsAuth(m, aliceTok); len(got["Provenance"]) != 0 || len(got["Observation"]) != 2 || len(m.Error) != 1 {
 		t.Fatalf("unknown value, lenient: %v, error files %+v", got, m.Error)
 	}
 	if l := r.linesAuth(m.Error[0].URL, aliceTok); len(l) != 1 || !strings.Contains(string(l[0]), `"Everything`) || !strings.Contains(string(l[0]), `"expression":["includeAssociatedData"]`) {
