@@ -55,8 +55,8 @@ type ExportRequest struct {
 	// not reported: a tombstone cannot be matched.
 	ScopeFilters map[string][]string `json:"scopeFilters,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
-	Elements              []string `json:"elements,omitempty"`
-	OutputFormat          string   `json:"outputFormat"`
+	Elements     []string `json:"elements,omitempty"`
+	OutputFormat string   `json:"outputFormat"`
 	// IncludeAssociatedData holds LatestProvenanceResources and/or
 	// RelevantProvenanceResources: the export adds the Provenance whose
 	// target is an exported resource (all of them, or the newest per target).
