@@ -292,7 +292,9 @@ func (g *gen) patient(i int) string {
 	for e := range encounters {
 		when := start.Add(time.Duration(e) * 300 * 24 * time.Hour / time.Duration(1+encounters/20)).Add(time.Duration(g.rng.IntN(9*3600)) * time.Second)
 		enc := g.encounter(p, when, org, pract, loc)
-		targets := []string{"Encounter/" + enc}
+		// As in Synthea's Provenance, the patient is a target too: that puts
+		// the Provenance in the patient's compartment.
+		targets := []string{"Patient/" + p.id, "Encounter/" + enc}
 		var obs []string
 		for range 3 + g.rng.IntN(4) {
 			obs = append(obs, g.observation(p, enc, when, pract))

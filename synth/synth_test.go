@@ -49,8 +49,8 @@ func TestDeterministicAndValid(t *testing.T) {
 	}
 }
 
-// Provenance is one per encounter, and every target is a generated resource
-// that references that encounter (or is it).
+// Provenance is one per encounter, and targets the encounter's patient, the
+// encounter, and generated resources that reference that encounter.
 func TestProvenancePerEncounter(t *testing.T) {
 	dir := t.TempDir()
 	st, err := Generate(context.Background(), dir, Options{Patients: 3, Seed: 11})
@@ -81,10 +81,10 @@ func TestProvenancePerEncounter(t *testing.T) {
 		}
 		json.Unmarshal(line, &p)
 		enc := strings.TrimPrefix(p.ID, "prov-")
-		if len(p.Target) < 4 || p.Target[0].Reference != "Encounter/"+enc {
-			t.Fatalf("Provenance/%s targets %v", p.ID, p.Target)
+		if len(p.Target) < 5 || p.Target[1].Reference != "Encounter/"+enc || !strings.Contains(bodies["Encounter/"+enc], `"subject":{"reference":"`+p.Target[0].Reference+`"}`) {
+			t.Fatalf("Provenance/%s targets %v, not its encounter's patient and the encounter", p.ID, p.Target)
 		}
-		for _, tg := range p.Target[1:] {
+		for _, tg := range p.Target[2:] {
 			body, ok := bodies[tg.Reference]
 			if !ok {
 				t.Fatalf("Provenance/%s targets %s, which was not generated", p.ID, tg.Reference)
