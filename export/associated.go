@@ -100,6 +100,11 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 	byID := map[string]int32{}
 	targets := targetIndex{one: map[string]int32{}, more: map[string][]int32{}}
 	targeted := map[string]bool{}
+	// Rough bytes held per Provenance and per target key: the strings plus
+	// map and slice overhead. The index is the one part of an export whose
+	// memory follows the data, so it has a budget of its own.
+	var held int64
+	const perEntry = 64
 	err := s.selection(ctx, req, pq, func(body []byte) error {
 		var p struct {
 			ID       string `json:"id"`
@@ -117,13 +122,19 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 		i := int32(len(provs))
 		provs = append(provs, provenance{id: p.ID, recorded: instantMS(p.Recorded), updated: instantMS(p.Meta.LastUpdated)})
 		byID[p.ID] = i
+		held += int64(2*len(p.ID)) + 2*perEntry
 		for _, t := range p.Target {
 			ref, ok := fhir.ParseReference(t.Reference, s.cfg.Ref)
 			if !ok || !slices.Contains(u.Types, ref.Type) {
 				continue
 			}
-			targets.add(ref.Type+"/"+ref.ID, i)
+			key := ref.Type + "/" + ref.ID
+			targets.add(key, i)
 			targeted[ref.Type] = true
+			held += int64(len(key)) + perEntry
+		}
+		if held > s.cfg.AssociatedIndexBytes {
+			return kiln.Errorf(kiln.EINVALID, "includeAssociatedData: indexing this export's Provenance by target needs more than %d MiB (the server's limit): narrow the export with _type, _typeFilter, patient or a smaller Group", s.cfg.AssociatedIndexBytes>>20)
 		}
 		return nil
 	})

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -413,5 +414,45 @@ func TestIncludeAssociatedDataCompartmentProvenanceOnce(t *testing.T) {
 	plain.IncludeAssociatedData = nil
 	if base, _ := r.exported(t, &plain); job.UnitsTotal != base.UnitsTotal {
 		t.Errorf("%d units, %d without includeAssociatedData: a Provenance pass planned although the export holds every Provenance", job.UnitsTotal, base.UnitsTotal)
+	}
+}
+
+// TestIncludeAssociatedDataMemoryBudget: the Provenance index has a byte
+// budget; an export that would need more fails with a message saying how to
+// narrow it, instead of holding memory in proportion to the data.
+func TestIncludeAssociatedDataMemoryBudget(t *testing.T) {
+	var bodies []string
+	for i := range 50 {
+		bodies = append(bodies,
+			fmt.Sprintf(`{"resourceType":"Observation","id":"o%d","status":"final","code":{"text":"x"}}`, i),
+			fmt.Sprintf(`{"resourceType":"Provenance","id":"p%d","target":[{"reference":"Observation/o%d"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"reference":"Organization/o"}}]}`, i, i))
+	}
+	for _, tc := range []struct {
+		budget int64
+		fails  bool
+	}{{1 << 20, false}, {2 << 10, true}} {
+		r := newRig(t, export.Config{Workers: 2, AssociatedIndexBytes: tc.budget})
+		r.put(t, bodies...)
+		req := systemReq()
+		req.Types, req.TypesGiven = []string{"Observation"}, true
+		req.IncludeAssociatedData = []string{export.RelevantProvenance}
+		ctx := context.Background()
+		job, err := r.svc.Start(ctx, req, "t")
+		if err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !job.Finished() {
+			if time.Now().After(deadline) {
+				t.Fatal("export did not finish")
+			}
+			time.Sleep(5 * time.Millisecond)
+			if job, err = r.svc.Job(ctx, job.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if failed := job.State == kiln.JobFailed; failed != tc.fails || (failed && !strings.Contains(job.Error, "narrow the export")) {
+			t.Errorf("budget %d: %s %q", tc.budget, job.State, job.Error)
+		}
 	}
 }

@@ -40,6 +40,11 @@ type Config struct {
 	// MaxFileResources and MaxFileBytes split output files (1,000,000 and 1 GiB).
 	MaxFileResources int64
 	MaxFileBytes     int64
+	// AssociatedIndexBytes bounds the memory includeAssociatedData may use
+	// to index Provenance by target (256 MiB, about 2.5 million targets);
+	// an export that needs more fails saying so, rather than growing with
+	// the data.
+	AssociatedIndexBytes int64
 	// Retention is how long finished jobs' files are kept (24 h).
 	Retention time.Duration
 	// SweepEvery is how often expired jobs are removed (1 min).
@@ -76,6 +81,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxFileBytes <= 0 {
 		c.MaxFileBytes = 1 << 30
+	}
+	if c.AssociatedIndexBytes <= 0 {
+		c.AssociatedIndexBytes = 256 << 20
 	}
 	if c.Retention <= 0 {
 		c.Retention = 24 * time.Hour
