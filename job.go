@@ -55,8 +55,11 @@ type ExportRequest struct {
 	// not reported: a tombstone cannot be matched.
 	ScopeFilters map[string][]string `json:"scopeFilters,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
-	Elements              []string `json:"elements,omitempty"`
-	OutputFormat          string   `json:"outputFormat"`
+	Elements     []string `json:"elements,omitempty"`
+	OutputFormat string   `json:"outputFormat"`
+	// IncludeAssociatedData holds LatestProvenanceResources and/or
+	// RelevantProvenanceResources: the export adds the Provenance whose
+	// target is an exported resource (all of them, or the newest per target).
 	IncludeAssociatedData []string `json:"includeAssociatedData,omitempty"`
 	Lenient               bool     `json:"lenient,omitempty"`
 	// AllowPartialManifests (Bulk Data v3): while the export runs, the status
@@ -126,6 +129,10 @@ const (
 	UnitSupporting = "supporting" // non-compartment resources of the job's patients, one type
 	UnitDeleted    = "deleted"    // the deleted[] file of a _since export
 	UnitErrors     = "errors"     // the error file (lenient warnings, refused types)
+	// UnitAssociated writes the Provenance of the job's exported resources
+	// (includeAssociatedData); Types are the exported types, and for a
+	// Patient or Group export PatientHi is the job's last patient ordinal.
+	UnitAssociated = "associated"
 )
 
 // Unit is one piece of an export, run by one worker, written to its own parts.

@@ -40,6 +40,11 @@ type Config struct {
 	// MaxFileResources and MaxFileBytes split output files (1,000,000 and 1 GiB).
 	MaxFileResources int64
 	MaxFileBytes     int64
+	// AssociatedIndexBytes bounds the memory includeAssociatedData may use
+	// to index Provenance by target (256 MiB, about 2.5 million targets);
+	// an export that needs more fails saying so, rather than growing with
+	// the data.
+	AssociatedIndexBytes int64
 	// Retention is how long finished jobs' files are kept (24 h).
 	Retention time.Duration
 	// SweepEvery is how often expired jobs are removed (1 min).
@@ -76,6 +81,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxFileBytes <= 0 {
 		c.MaxFileBytes = 1 << 30
+	}
+	if c.AssociatedIndexBytes <= 0 {
+		c.AssociatedIndexBytes = 256 << 20
 	}
 	if c.Retention <= 0 {
 		c.Retention = 24 * time.Hour
@@ -233,8 +241,13 @@ func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.Expo
 			return nil, err
 		}
 	}
-	if missing := minus(ids, found); len(missing) > 0 {
-		return nil, kiln.Invalid("patient", "patient %s does not exist", refs("Patient", missing))
+	missing := minus(ids, found)
+	if len(missing) > 0 && !req.Lenient {
+		return nil, kiln.Invalid("patient", "patient %s does not exist (send Prefer: handling=lenient to export those that do)", refs("Patient", missing))
+	}
+	// Lenient: what exists is exported, and each missing id is an error-file line.
+	for _, id := range missing {
+		req.Warnings = append(req.Warnings, kiln.Issue{Expression: "patient", Message: fmt.Sprintf("Patient/%s does not exist; skipped", id)})
 	}
 	return found, nil
 }
@@ -344,6 +357,7 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		u.Job, u.Seq = job.ID, len(units)
 		units = append(units, u)
 	}
+	assoc := planAssociated(req)
 	// The error file first: it is known now, and partial manifest pages,
 	// which all list it, can start as soon as it is written.
 	if len(req.Warnings) > 0 {
@@ -386,6 +400,9 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 				add(kiln.Unit{Kind: kiln.UnitSupporting, Type: t})
 			}
 		}
+	}
+	if assoc && len(exported) > 0 && slices.Contains(present, "Provenance") && (req.Level == kiln.LevelSystem || patients > 0) && !allProvenance(req, exported) {
+		add(kiln.Unit{Kind: kiln.UnitAssociated, Type: "Provenance", Types: exported, PatientHi: patients - 1})
 	}
 	if req.Since != nil {
 		dt := exported

@@ -388,7 +388,7 @@ func (p *parser) param(name, raw string, vals []string) {
 	case "includeAssociatedData":
 		for _, v := range split(vals) {
 			switch v {
-			case "LatestProvenanceResources", "RelevantProvenanceResources":
+			case LatestProvenance, RelevantProvenance:
 				r.IncludeAssociatedData = append(r.IncludeAssociatedData, v)
 			default:
 				p.unsupported(raw, "includeAssociatedData %q is not supported: use LatestProvenanceResources or RelevantProvenanceResources", v)

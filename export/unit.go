@@ -15,38 +15,10 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	req := &job.Request
 	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
-	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
-	if req.LimitTenants {
-		q.AccessCodes = append([]string{}, req.Tenants...)
-	}
-	if req.Since != nil {
-		q.Since = *req.Since
-	}
-	if req.Until != nil {
-		q.Until = *req.Until
-	}
+	q := baseQuery(job)
 	scan := func(q kiln.ScanQuery) error {
 		sub := newSubsetter(q.Type, req.Elements)
-		filters, err := compileFilters(q.Type, req.TypeFilters[q.Type])
-		if err != nil {
-			return err
-		}
-		scoped, err := compileFilters(q.Type, req.ScopeFilters[q.Type])
-		if err != nil {
-			return err
-		}
-		defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
-		return s.store.Scan(ctx, q, func(body []byte) error {
-			// Only filtered types are decoded (once); the rest stream as stored bytes.
-			if filters != nil || scoped != nil {
-				m, err := fhir.DecodeJSON(body)
-				if err != nil {
-					return fmt.Errorf("decode stored resource: %w", err)
-				}
-				if filters != nil && !fhir.MatchAny(filters, m) || scoped != nil && !fhir.MatchAny(scoped, m) {
-					return nil
-				}
-			}
+		return s.selection(ctx, req, q, func(body []byte) error {
 			if sub != nil {
 				b, err := sub.apply(body)
 				if err != nil {
@@ -88,6 +60,8 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 			}
 			return w.write("deleted", "Bundle", deletedBundle(d))
 		})
+	case kiln.UnitAssociated:
+		err = s.associated(ctx, job, u, w)
 	case kiln.UnitErrors:
 		for _, is := range req.Warnings {
 			if err = w.write("error", "OperationOutcome", outcomeLine(is)); err != nil {
@@ -102,6 +76,52 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		return nil, err
 	}
 	return w.close()
+}
+
+// baseQuery is the part of every scan of job that the job fixes: its
+// snapshot, batch size, tenants and _since/_until window.
+func baseQuery(job *kiln.Job) kiln.ScanQuery {
+	req := &job.Request
+	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
+	if req.LimitTenants {
+		q.AccessCodes = append([]string{}, req.Tenants...)
+	}
+	if req.Since != nil {
+		q.Since = *req.Since
+	}
+	if req.Until != nil {
+		q.Until = *req.Until
+	}
+	return q
+}
+
+// selection streams the resources one scan of the job exports: the store's
+// rows as of the snapshot, for the job's tenants, kept by the type's
+// _typeFilter and the token's scope filters. Units that write resources read
+// through it, and so does the Provenance pass, to learn what was exported.
+func (s *Service) selection(ctx context.Context, req *kiln.ExportRequest, q kiln.ScanQuery, fn func(body []byte) error) error {
+	filters, err := compileFilters(q.Type, req.TypeFilters[q.Type])
+	if err != nil {
+		return err
+	}
+	scoped, err := compileFilters(q.Type, req.ScopeFilters[q.Type])
+	if err != nil {
+		return err
+	}
+	defer func(start time.Time) { s.cfg.Metrics.Store("scan", time.Since(start)) }(time.Now())
+	return s.store.Scan(ctx, q, func(body []byte) error {
+		// Only filtered types are decoded (once); the rest stream as stored bytes.
+		if filters != nil || scoped != nil {
+			m, err := fhir.DecodeJSON(body)
+			if err != nil {
+				return fmt.Errorf("decode stored resource: %w", err)
+			}
+			if filters != nil && !fhir.MatchAny(filters, m) || scoped != nil && !fhir.MatchAny(scoped, m) {
+				return nil
+			}
+		}
+		return fn(body)
+	})
 }
 
 func compileFilters(typ string, queries []string) ([]*fhir.Query, error) {

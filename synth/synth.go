@@ -292,24 +292,32 @@ func (g *gen) patient(i int) string {
 	for e := range encounters {
 		when := start.Add(time.Duration(e) * 300 * 24 * time.Hour / time.Duration(1+encounters/20)).Add(time.Duration(g.rng.IntN(9*3600)) * time.Second)
 		enc := g.encounter(p, when, org, pract, loc)
+		// As in Synthea's Provenance, the patient is a target too: that puts
+		// the Provenance in the patient's compartment.
+		targets := []string{"Patient/" + p.id, "Encounter/" + enc}
 		var obs []string
 		for range 3 + g.rng.IntN(4) {
 			obs = append(obs, g.observation(p, enc, when, pract))
 		}
+		for _, o := range obs {
+			targets = append(targets, "Observation/"+o)
+		}
 		if g.rng.IntN(10) < 3 {
-			g.diagnosticReport(p, enc, when, obs, pract)
+			targets = append(targets, "DiagnosticReport/"+g.diagnosticReport(p, enc, when, obs, pract))
 		}
 		if g.rng.IntN(10) < 7 {
-			g.procedure(p, enc, when, loc)
+			targets = append(targets, "Procedure/"+g.procedure(p, enc, when, loc))
 		}
 		if g.rng.IntN(10) < 3 {
-			g.medicationRequest(p, enc, when, pract)
+			targets = append(targets, "MedicationRequest/"+g.medicationRequest(p, enc, when, pract))
 		}
 		if g.rng.IntN(10) < 4 {
-			g.immunization(p, enc, when, loc)
+			targets = append(targets, "Immunization/"+g.immunization(p, enc, when, loc))
 		}
 		claim := g.claim(p, enc, when, org, pract, conds)
-		g.eob(p, enc, claim, when, org, pract)
+		targets = append(targets, "Claim/"+claim)
+		targets = append(targets, "ExplanationOfBenefit/"+g.eob(p, enc, claim, when, org, pract))
+		g.provenance(enc, when, org, pract, targets)
 	}
 	return p.id
 }
@@ -441,8 +449,9 @@ func (g *gen) observation(p patientCtx, enc string, when time.Time, pract string
 	return id
 }
 
-func (g *gen) diagnosticReport(p patientCtx, enc string, when time.Time, obs []string, pract string) {
-	b := g.header("DiagnosticReport", g.id())
+func (g *gen) diagnosticReport(p patientCtx, enc string, when time.Time, obs []string, pract string) string {
+	id := g.id()
+	b := g.header("DiagnosticReport", id)
 	b = append(b, `,"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v2-0074","code":"LAB","display":"Laboratory"}]}],"code":`...)
 	b = coding(b, "http://loinc.org", "51990-0", "Basic Metabolic Panel")
 	b = refTo(b, "subject", "Patient/"+p.id)
@@ -465,11 +474,13 @@ func (g *gen) diagnosticReport(p patientCtx, enc string, when time.Time, obs []s
 	b = append(b, `]}`...)
 	g.buf = b
 	g.emit("DiagnosticReport", b)
+	return id
 }
 
-func (g *gen) procedure(p patientCtx, enc string, when time.Time, loc string) {
+func (g *gen) procedure(p patientCtx, enc string, when time.Time, loc string) string {
 	c := procedures[g.rng.IntN(len(procedures))]
-	b := g.header("Procedure", g.id())
+	id := g.id()
+	b := g.header("Procedure", id)
 	b = append(b, `,"status":"completed","code":`...)
 	b = coding(b, "http://snomed.info/sct", c[0], c[1])
 	b = refTo(b, "subject", "Patient/"+p.id)
@@ -483,11 +494,13 @@ func (g *gen) procedure(p patientCtx, enc string, when time.Time, loc string) {
 	b = append(b, '}')
 	g.buf = b
 	g.emit("Procedure", b)
+	return id
 }
 
-func (g *gen) medicationRequest(p patientCtx, enc string, when time.Time, pract string) {
+func (g *gen) medicationRequest(p patientCtx, enc string, when time.Time, pract string) string {
 	m := medications[g.rng.IntN(len(medications))]
-	b := g.header("MedicationRequest", g.id())
+	id := g.id()
+	b := g.header("MedicationRequest", id)
 	b = append(b, `,"status":"`...)
 	b = append(b, g.pick([]string{"active", "stopped", "completed"})...)
 	b = append(b, `","intent":"order","medicationCodeableConcept":`...)
@@ -501,11 +514,13 @@ func (g *gen) medicationRequest(p patientCtx, enc string, when time.Time, pract 
 	b = append(b, `,"dosageInstruction":[{"sequence":1,"timing":{"repeat":{"frequency":1,"period":1,"periodUnit":"d"}},"asNeededBoolean":false,"doseAndRate":[{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/dose-rate-type","code":"ordered","display":"Ordered"}]},"doseQuantity":{"value":1}}]}]}`...)
 	g.buf = b
 	g.emit("MedicationRequest", b)
+	return id
 }
 
-func (g *gen) immunization(p patientCtx, enc string, when time.Time, loc string) {
+func (g *gen) immunization(p patientCtx, enc string, when time.Time, loc string) string {
 	v := vaccines[g.rng.IntN(len(vaccines))]
-	b := g.header("Immunization", g.id())
+	id := g.id()
+	b := g.header("Immunization", id)
 	b = append(b, `,"status":"completed","vaccineCode":`...)
 	b = coding(b, "http://hl7.org/fhir/sid/cvx", v[0], v[1])
 	b = refTo(b, "patient", "Patient/"+p.id)
@@ -517,6 +532,7 @@ func (g *gen) immunization(p patientCtx, enc string, when time.Time, loc string)
 	b = append(b, '}')
 	g.buf = b
 	g.emit("Immunization", b)
+	return id
 }
 
 func (g *gen) claim(p patientCtx, enc string, when time.Time, org, pract string, conds []string) string {
@@ -550,8 +566,9 @@ func (g *gen) claim(p patientCtx, enc string, when time.Time, org, pract string,
 	return id
 }
 
-func (g *gen) eob(p patientCtx, enc, claim string, when time.Time, org, pract string) {
-	b := g.header("ExplanationOfBenefit", g.id())
+func (g *gen) eob(p patientCtx, enc, claim string, when time.Time, org, pract string) string {
+	id := g.id()
+	b := g.header("ExplanationOfBenefit", id)
 	b = append(b, `,"contained":[{"resourceType":"ServiceRequest","id":"referral","status":"completed","intent":"order","subject":{"reference":"Patient/`...)
 	b = append(b, p.id...)
 	b = append(b, `"},"requester":{"reference":"Practitioner/`...)
@@ -597,6 +614,34 @@ func (g *gen) eob(p patientCtx, enc, claim string, when time.Time, org, pract st
 	b = append(b, `,"currency":"USD"}}}`...)
 	g.buf = b
 	g.emit("ExplanationOfBenefit", b)
+	return id
+}
+
+// provenance writes the Provenance of one encounter's resources, as Synthea
+// writes one per bundle. Its id derives from the encounter's and it draws
+// nothing from the random stream, so the other resources are the same
+// whether or not Provenance is generated.
+func (g *gen) provenance(enc string, when time.Time, org, pract string, targets []string) {
+	b := g.header("Provenance", "prov-"+enc)
+	b = append(b, `,"target":[`...)
+	for i, t := range targets {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"reference":`...)
+		b = q(b, t)
+		b = append(b, '}')
+	}
+	b = append(b, `],"recorded":"`...)
+	b = append(b, fhir.FormatInstant(when.Add(30*time.Minute))...)
+	b = append(b, `","agent":[{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/provenance-participant-type","code":"author","display":"Author"}],"text":"Author"}`...)
+	b = refTo(b, "who", "Practitioner/"+pract)
+	b = refTo(b, "onBehalfOf", "Organization/"+org)
+	b = append(b, `},{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/provenance-participant-type","code":"transmitter","display":"Transmitter"}],"text":"Transmitter"}`...)
+	b = refTo(b, "who", "Organization/"+org)
+	b = append(b, `}]}`...)
+	g.buf = b
+	g.emit("Provenance", b)
 }
 
 func (g *gen) group(id string, members []string) {

@@ -18,7 +18,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	gz := fs.Bool("gzip", false, "write .ndjson.gz")
 	group := fs.String("group-id", "all-patients", "id of the Group of all generated patients")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: kiln generate [flags]\n\nWrites deterministic synthetic patients (about 300-400 resources each, Synthea-like shapes),\nshared Practitioners, Organizations and Locations, and a Group of all patients.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: kiln generate [flags]\n\nWrites deterministic synthetic patients (about 300-400 resources each, Synthea-like shapes),\none Provenance per encounter (as Synthea writes one per bundle), shared Practitioners,\nOrganizations and Locations, and a Group of all patients.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	if err := parseFlags(fs, args, stderr); err != nil {
