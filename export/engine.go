@@ -123,6 +123,10 @@ type Service struct {
 	log   *slog.Logger
 
 	mu sync.Mutex
+	// launching holds the jobs whose launch is under way in this process:
+	// the relaunch loop must not start a second one between the launcher's
+	// answer and LaunchPending being cleared (that spent launches twice).
+	launching map[string]bool
 	// running holds the cancel functions of units being run, per job.
 	running map[string]map[int]context.CancelFunc
 	// unitsDone is signalled whenever a unit stops running.
@@ -497,6 +501,21 @@ func (s *Service) Run(ctx context.Context) error {
 
 // launch starts a job's workers once; failures leave it pending for relaunch.
 func (s *Service) launch(ctx context.Context, id string) {
+	s.mu.Lock()
+	if s.launching == nil {
+		s.launching = map[string]bool{}
+	}
+	busy := s.launching[id]
+	s.launching[id] = true
+	s.mu.Unlock()
+	if busy {
+		return // the launch under way answers for it; relaunch retries if it fails
+	}
+	defer func() {
+		s.mu.Lock()
+		delete(s.launching, id)
+		s.mu.Unlock()
+	}()
 	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
 		if j.Finished() || !j.LaunchPending {
 			return errJobGone
