@@ -31,14 +31,34 @@ type subsetter struct {
 }
 
 // newSubsetter returns nil when _elements does not apply to typ.
+//
+// Besides the requested elements it keeps id, meta and the elements the base
+// specification makes mandatory, as the Bulk Data IG asks, so that each
+// subsetted resource is still a valid one: the StructureDefinition's min ≥ 1
+// elements (Mandatory, which has the mandatory primitives such as
+// Observation.status) and the JSON Schema's required ones (Required, which the
+// validator enforces, and which holds EvidenceVariable.characteristic where
+// HL7's snapshot has min 0). Each keeps its _name twin, which carries a
+// primitive's id and extensions, and every typed form of a choice element.
 func newSubsetter(typ string, elements []string) *subsetter {
 	if len(elements) == 0 {
 		return nil
 	}
-	t := fhir.R4().Types[typ]
 	keep := map[string]bool{"resourceType": true, "id": true, "meta": true}
+	t := fhir.R4().Types[typ]
+	if t == nil {
+		return &subsetter{keep: keep}
+	}
+	keepElement := func(name string) {
+		for _, n := range elementNames(t, name) {
+			keep[n], keep["_"+n] = true, true
+		}
+	}
+	for _, r := range t.Mandatory {
+		keepElement(r)
+	}
 	for _, r := range t.Required {
-		keep[r] = true
+		keepElement(r)
 	}
 	for _, e := range elements {
 		name := e
@@ -48,15 +68,16 @@ func newSubsetter(typ string, elements []string) *subsetter {
 			}
 			name = el
 		}
-		for _, n := range elementNames(t, name) {
-			keep[n], keep["_"+n] = true, true
-		}
+		keepElement(name)
 	}
 	// A type that _elements names nothing of gets only its mandatory elements.
 	return &subsetter{keep: keep}
 }
 
-var subsettedTag = map[string]any{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED", "display": "subsetted"}
+const (
+	subsettedSystem = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+	subsettedCode   = "SUBSETTED"
+)
 
 // apply returns body with only the kept elements and the SUBSETTED tag.
 func (s *subsetter) apply(body []byte) ([]byte, error) {
@@ -77,6 +98,13 @@ func (s *subsetter) apply(body []byte) ([]byte, error) {
 		m["meta"] = meta
 	}
 	tags, _ := meta["tag"].([]any)
-	meta["tag"] = append(tags, subsettedTag)
+	// A resource stored subsetted (a client may write one) already has the tag;
+	// a second copy would be a duplicate Coding.
+	for _, tag := range tags {
+		if c, _ := tag.(map[string]any); c["system"] == subsettedSystem && c["code"] == subsettedCode {
+			return fhir.Encode(m), nil
+		}
+	}
+	meta["tag"] = append(tags, map[string]any{"system": subsettedSystem, "code": subsettedCode, "display": "subsetted"})
 	return fhir.Encode(m), nil
 }

@@ -1,5 +1,6 @@
 // Package fhir holds Kiln's knowledge of FHIR R4 as data: resource types and
-// their element structure (from HL7's JSON Schema), the Patient
+// their element structure (from HL7's JSON Schema), their mandatory elements
+// (from the resource StructureDefinitions), the Patient
 // CompartmentDefinition with the element paths its parameters stand for, and
 // the SearchParameter definitions; plus validation, canonical encoding,
 // reference extraction, instants and Parameters parsing built on them.
@@ -29,10 +30,17 @@ type Prop struct {
 
 // TypeDef is a complex type or resource.
 type TypeDef struct {
-	Name     string
-	Props    []*Prop  `json:"props"`
+	Name  string
+	Props []*Prop `json:"props"`
+	// Required is the JSON Schema's list, which the validator enforces. It
+	// leaves out mandatory primitives (Observation.status), since their _name
+	// twin may stand in for them.
 	Required []string `json:"required,omitempty"`
-	byName   map[string]*Prop
+	// Mandatory lists, for resource types, the top-level elements with min ≥ 1
+	// in the R4 StructureDefinition, in its order; a choice element by its base
+	// name (MedicationRequest.medication[x] is "medication").
+	Mandatory []string `json:"mandatory,omitempty"`
+	byName    map[string]*Prop
 }
 
 // Prop returns the element called name, or nil.

@@ -1,5 +1,6 @@
-// Command gen turns HL7's R4 definitions (the JSON Schema, the Patient
-// CompartmentDefinition and the SearchParameter bundle) into fhir/r4.json, the
+// Command gen turns HL7's R4 definitions (the JSON Schema, the resource
+// StructureDefinitions, the Patient CompartmentDefinition and the
+// SearchParameter bundle) into fhir/r4.json, the
 // compact table that package fhir embeds. Run it with `go generate ./fhir`.
 package main
 
@@ -13,6 +14,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"unicode"
 )
 
 // The output format; package fhir has the matching reader.
@@ -28,6 +30,11 @@ type typeDef struct {
 	// Props keeps schema order: [name, type, "1" when repeated]; enum values follow for codes.
 	Props    []prop   `json:"props"`
 	Required []string `json:"required,omitempty"`
+	// Mandatory lists the top-level elements with min ≥ 1 in the type's
+	// StructureDefinition, choice elements by their base name (value for
+	// value[x]). Required (from the JSON Schema) leaves out mandatory
+	// primitives, since their _name twin may stand in for them.
+	Mandatory []string `json:"mandatory,omitempty"`
 }
 
 type prop struct {
@@ -186,6 +193,9 @@ func run(src, out string) error {
 		t.Resources = append(t.Resources, r.Code)
 	}
 	sort.Strings(t.Resources)
+	if err := readMandatory(src+"/profiles-resources.json.gz", &t); err != nil {
+		return err
+	}
 	for _, r := range cd.Resource {
 		if len(r.Param) == 0 {
 			continue
@@ -210,6 +220,99 @@ func run(src, out string) error {
 		return err
 	}
 	return os.WriteFile(out, b, 0o644)
+}
+
+// readMandatory records in t.Types the mandatory top-level elements of each
+// resource type, from the snapshots of the resource StructureDefinitions, and
+// checks that every resource type of the table has one.
+func readMandatory(path string, t *table) error {
+	var bundle struct {
+		Entry []struct {
+			Resource json.RawMessage `json:"resource"`
+		} `json:"entry"`
+	}
+	if err := readJSON(path, &bundle); err != nil {
+		return err
+	}
+	isResource := map[string]bool{}
+	for _, r := range t.Resources {
+		isResource[r] = true
+	}
+	seen := map[string]bool{}
+	for _, e := range bundle.Entry {
+		// The bundle also holds OperationDefinitions (whose "type" is a boolean) and
+		// logical models; neither is a resource's shape.
+		var head struct {
+			ResourceType string `json:"resourceType"`
+		}
+		if err := json.Unmarshal(e.Resource, &head); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if head.ResourceType != "StructureDefinition" {
+			continue
+		}
+		var sd struct {
+			Kind     string `json:"kind"`
+			Abstract bool   `json:"abstract"`
+			Type     string `json:"type"`
+			Snapshot struct {
+				Element []struct {
+					Path string `json:"path"`
+					Min  int    `json:"min"`
+				} `json:"element"`
+			} `json:"snapshot"`
+		}
+		if err := json.Unmarshal(e.Resource, &sd); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		// Resource and DomainResource are abstract (their elements reach the concrete
+		// types through each snapshot), and the distributor's copy adds a type or two
+		// of later releases (SubscriptionStatus): the CompartmentDefinition's list of
+		// R4 resource types is the list of record here too.
+		if sd.Kind != "resource" || !isResource[sd.Type] {
+			continue
+		}
+		if seen[sd.Type] {
+			return fmt.Errorf("%s: two StructureDefinitions of %s", path, sd.Type)
+		}
+		seen[sd.Type] = true
+		td := t.Types[sd.Type]
+		for _, el := range sd.Snapshot.Element {
+			typ, name, ok := strings.Cut(el.Path, ".")
+			if !ok || strings.Contains(name, ".") || el.Min < 1 {
+				continue
+			}
+			if typ != sd.Type {
+				return fmt.Errorf("%s: StructureDefinition of %s has element %s", path, sd.Type, el.Path)
+			}
+			base, choice := strings.CutSuffix(name, "[x]")
+			if !hasElement(td, base, choice) {
+				return fmt.Errorf("%s: mandatory element %s is not in the schema of %s", path, el.Path, sd.Type)
+			}
+			td.Mandatory = append(td.Mandatory, base)
+		}
+		t.Types[sd.Type] = td
+	}
+	for _, r := range t.Resources {
+		if !seen[r] {
+			return fmt.Errorf("%s: resource type %s has no StructureDefinition", path, r)
+		}
+	}
+	return nil
+}
+
+// hasElement reports whether td has element name or, for a choice element's
+// base name, typed forms of it (value → valueQuantity, …).
+func hasElement(td typeDef, name string, choice bool) bool {
+	for _, p := range td.Props {
+		if !choice && p.Name == name {
+			return true
+		}
+		if choice && len(p.Name) > len(name) && strings.HasPrefix(p.Name, name) && unicode.IsUpper(rune(p.Name[len(name)])) {
+			return true
+		}
+	}
+	return false
 }
 
 func refName(ref string) string { return strings.TrimPrefix(ref, "#/definitions/") }
