@@ -51,6 +51,8 @@ type envOpts struct {
 	exportCfg  export.Config
 	httpCfg    httpapi.Config
 	keepServer bool
+	// basePath is the FHIR base path served (default /4_0_0; "/" is the root).
+	basePath string
 	// tenancy is the --tenancy of an authenticated env (newAuthEnv); empty
 	// there means kiln.TenancyAccessTags, the multi-tenant contract most
 	// security tests are about.
@@ -101,6 +103,7 @@ type env struct {
 	svc     *export.Service
 	srv     *httptest.Server
 	base    string
+	root    string // scheme://host:port, without the base path
 	stop    context.CancelFunc
 	running sync.WaitGroup
 	started bool
@@ -122,7 +125,11 @@ func newEnv(t testing.TB, o envOpts) *env {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
 	e.srv = httptest.NewUnstartedServer(nil)
-	e.base = "http://" + e.srv.Listener.Addr().String() + "/4_0_0"
+	e.root = "http://" + e.srv.Listener.Addr().String()
+	if o.basePath == "" {
+		o.basePath = "/4_0_0"
+	}
+	e.base = e.root + httpapi.CleanBasePath(o.basePath)
 	cfg := o.exportCfg
 	cfg.Logger = log
 	if cfg.Workers == 0 {
@@ -131,6 +138,7 @@ func newEnv(t testing.TB, o envOpts) *env {
 	cfg.Ref = fhir.Options{Bases: []string{e.base}}
 	hc := o.httpCfg
 	hc.Logger = log
+	hc.BasePath = o.basePath
 	if hc.PollBurst == 0 {
 		hc.PollBurst = -1
 	}

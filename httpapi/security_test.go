@@ -61,9 +61,8 @@ func newAuthEnv(t *testing.T, o envOpts) *authRig {
 		}
 		r.verifier = v
 		clients := e.db.(kiln.ClientStore)
-		root := strings.TrimSuffix(e.base, "/4_0_0")
 		hc.Verifier, hc.Key, hc.RequiresAccessToken = v, key, true
-		hc.Token = &auth.TokenServer{Verifier: v, Clients: clients, URL: root + "/auth/token"}
+		hc.Token = &auth.TokenServer{Verifier: v, Clients: clients, URL: e.root + "/auth/token"}
 	}
 	r.env = newEnv(t, o)
 	return r

@@ -89,12 +89,22 @@ type pollState struct {
 	early int
 }
 
+// CleanBasePath returns a FHIR base path as the server uses it: "" for the
+// root (so that "/" serves /$export, /Patient/$export, … as the seed writes
+// them), otherwise "/a/b" with no trailing slash.
+func CleanBasePath(p string) string {
+	if t := strings.Trim(p, "/"); t != "" {
+		return "/" + t
+	}
+	return ""
+}
+
 // New returns the handler. ready reports whether the server can take traffic.
 func New(store Store, exports *export.Service, cfg Config, ready func() error) *Server {
 	if cfg.BasePath == "" {
 		cfg.BasePath = "/4_0_0"
 	}
-	cfg.BasePath = "/" + strings.Trim(cfg.BasePath, "/")
+	cfg.BasePath = CleanBasePath(cfg.BasePath)
 	cfg.PublicURL = strings.TrimSuffix(cfg.PublicURL, "/")
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 16 << 20
@@ -128,9 +138,16 @@ func (s *Server) routes() {
 	h := s.mux.HandleFunc
 	h("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
 	h("GET /.well-known/smart-configuration", s.smartConfiguration)
-	h("GET "+b+"/.well-known/smart-configuration", s.smartConfiguration)
+	if b != "" {
+		h("GET "+b+"/.well-known/smart-configuration", s.smartConfiguration)
+	}
 	h("GET /auth/jwks", s.jwks)
-	h("/auth/token", s.token) // every method: the token endpoint answers 405 itself
+	// Every method, so that the token endpoint answers 405 itself; one
+	// pattern per method because a method-less "/auth/token" conflicts with
+	// "GET /{type}/{id}" when the FHIR base is the root.
+	for _, m := range []string{"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} {
+		h(m+" /auth/token", s.token)
+	}
 	h("GET /readyz", s.readyz)
 	h("GET "+b+"/metadata", s.metadata)
 	if s.cfg.MetricsHandler != nil {
@@ -149,7 +166,9 @@ func (s *Server) routes() {
 	h("POST "+b+"/ViewDefinition/$viewdefinition-run", s.viewRun)
 
 	h("POST "+b+"/{$}", s.bundle)
-	h("POST "+b, s.bundle)
+	if b != "" {
+		h("POST "+b, s.bundle)
+	}
 	h("GET "+b+"/{type}", s.search)
 	h("POST "+b+"/{type}", s.create)
 	h("GET "+b+"/{type}/{id}", s.read)

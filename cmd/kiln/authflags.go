@@ -209,7 +209,7 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	issuer := a.issuer
 	if issuer == "" {
-		issuer = strings.TrimSuffix(*public, "/") + *basePath
+		issuer = strings.TrimSuffix(*public, "/") + httpapi.CleanBasePath(*basePath)
 	}
 	aud := a.audience
 	if aud == "" {
@@ -227,7 +227,7 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintln(stdout, tok)
 		return nil
 	}
-	v, _, err := a.verifier(strings.TrimSuffix(*public, "/"), *basePath, *data)
+	v, _, err := a.verifier(strings.TrimSuffix(*public, "/"), httpapi.CleanBasePath(*basePath), *data)
 	if err != nil {
 		return err
 	}

@@ -71,6 +71,8 @@ type kilnProc struct {
 	env  []string
 	addr string
 	cmd  *exec.Cmd
+	// basePath is the --base-path among args ("" for the default /4_0_0).
+	basePath string
 }
 
 // start starts (or restarts, on the same port) kiln serve and waits until it is ready.
@@ -111,7 +113,12 @@ func (k *kilnProc) stop() {
 	}
 }
 
-func (k *kilnProc) base() string { return "http://" + k.addr + "/4_0_0" }
+func (k *kilnProc) base() string {
+	if k.basePath == "" {
+		return "http://" + k.addr + "/4_0_0"
+	}
+	return "http://" + k.addr + strings.TrimSuffix(k.basePath, "/")
+}
 
 // kickOff starts an export at base+path and returns its status URL.
 func (k *kilnProc) kickOff(path string) string {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiln-fhir/kiln"
 )
@@ -45,4 +46,39 @@ func TestGenerateThenImport(t *testing.T) {
 	if code, _, errOut := runCLI(t, "generate", "--patients", "0"); code != 1 || !strings.Contains(errOut, "at least 1") {
 		t.Fatalf("generate 0: %d %q", code, errOut)
 	}
+}
+
+// TestServeAtTheRoot (issue 19, finding 5): kiln serve --base-path / starts
+// (it used to panic registering its routes) and answers the seed's literal
+// paths, /$export and /Patient/$export, with files under the root.
+func TestServeAtTheRoot(t *testing.T) {
+	k := &kilnProc{t: t, bin: buildKiln(t), basePath: "/",
+		args: []string{"--base-path", "/", "--data", t.TempDir(), "--demo", "--demo-patients", "3", "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+	for _, path := range []string{"/$export", "/Patient/$export"} {
+		loc := k.kickOff(path)
+		if !strings.HasPrefix(loc, "http://"+k.addr+"/$export/") {
+			t.Fatalf("%s: Content-Location %q", path, loc)
+		}
+		code, m := awaitExport(t, loc, time.Minute)
+		if code != 200 || len(m.Output) == 0 {
+			t.Fatalf("%s: %d %+v", path, code, m)
+		}
+		for _, o := range m.Output {
+			if !strings.HasPrefix(o.URL, loc+"/file/") {
+				t.Errorf("%s: file %s is not under %s", path, o.URL, loc)
+			}
+		}
+		checkExport(t, loc, m, countOutput(m))
+	}
+}
+
+// countOutput is the sum of the manifest's counts.
+func countOutput(m *manifest) int {
+	n := 0
+	for _, o := range m.Output {
+		n += o.Count
+	}
+	return n
 }

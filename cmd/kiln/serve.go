@@ -62,6 +62,10 @@ type kafkaFlags struct {
 	resourceTopic, resourceTypes     string
 }
 
+// base is the FHIR base path to join to URLs: "" when Kiln serves at the
+// root (--base-path / or "").
+func (c *serveConfig) base() string { return httpapi.CleanBasePath(c.basePath) }
+
 func serveFlags(fs *flag.FlagSet) *serveConfig {
 	c := &serveConfig{}
 	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "address to listen on")
@@ -170,9 +174,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Metrics: met, Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
 		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
 		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease,
-		Ref: fhir.Options{Bases: []string{public + c.basePath}}, Logger: log,
+		Ref: fhir.Options{Bases: []string{public + c.base()}}, Logger: log,
 	})
-	relay, err := setupKafka(db, &c.kafka, public+c.basePath, log)
+	relay, err := setupKafka(db, &c.kafka, public+c.base(), log)
 	if err != nil {
 		ln.Close()
 		return err
@@ -184,7 +188,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	hc := httpapi.Config{
-		BasePath: c.basePath, PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
+		BasePath: "/" + strings.TrimPrefix(c.base(), "/"), PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
 		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
 		Metrics: met, KickOffsPerMinute: c.kickoffRate, MaxDownloads: c.maxDownloads,
 	}
@@ -192,7 +196,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if !c.noMetrics && c.metricsAddr == "" {
 		hc.MetricsHandler = metricsHandler
 	}
-	if err := c.auth.setup(&hc, db, public, c.basePath, c.data); err != nil {
+	if err := c.auth.setup(&hc, db, public, c.base(), c.data); err != nil {
 		ln.Close()
 		return err
 	}
@@ -242,7 +246,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}()
 		defer ms.Close()
 	}
-	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.basePath, "data", c.data, "version", version())
+	log.Info("kiln serving", "addr", ln.Addr().String(), "base", public+c.base(), "data", c.data, "version", version())
 	if c.demo {
 		var tokenCmd string
 		if c.auth.mode == "jwt" {
@@ -251,7 +255,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 				tokenCmd += " --scope 'system/*.read access/*.read'"
 			}
 		}
-		printDemo(stdout, public+c.basePath, tokenCmd)
+		printDemo(stdout, public+c.base(), tokenCmd)
 	}
 	select {
 	case err := <-serveErr:
