@@ -332,17 +332,21 @@ func (p *parser) param(name, raw string, vals []string) {
 			p.fail(raw, "%s takes one value", name)
 			return
 		}
-		start, end, _, err := fhir.ParseDateTime(v)
+		start, _, _, err := fhir.ParseDateTime(v)
 		if err != nil {
 			p.fail(raw, "%s: %v", name, err)
 			return
 		}
+		// Both name one instant, at the store's precision (lastUpdated is kept
+		// in milliseconds): a partial date is its first millisecond. _since is
+		// exclusive and _until inclusive, so _until=T then _since=T covers
+		// every change exactly once, and _since=<transactionTime> picks up
+		// only what the export as of T did not have.
+		at := start.Truncate(time.Millisecond)
 		if name == "_since" {
-			r.Since = &start
+			r.Since = &at
 		} else {
-			// _until includes the whole period it names: 2024-01-31 means up to the end of that day.
-			u := end.Add(-time.Millisecond)
-			r.Until = &u
+			r.Until = &at
 		}
 	case "_type":
 		r.TypesGiven = true

@@ -36,8 +36,8 @@ func TestParseKickOffValues(t *testing.T) {
 	if got := req.Since.Format("2006-01-02T15:04:05Z07:00"); got != "2023-10-10T00:00:00Z" {
 		t.Errorf("since %s", got)
 	}
-	if got := req.Until.Format("2006-01-02T15:04:05.000Z07:00"); got != "2024-01-31T23:59:59.999Z" {
-		t.Errorf("until %s (the whole named day)", got)
+	if got := req.Until.Format("2006-01-02T15:04:05.000Z07:00"); got != "2024-01-31T00:00:00.000Z" {
+		t.Errorf("until %s (a date is its first millisecond)", got)
 	}
 	if !slices.Equal(req.IncludeAssociatedData, []string{"LatestProvenanceResources"}) {
 		t.Errorf("includeAssociatedData %v", req.IncludeAssociatedData)

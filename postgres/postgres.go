@@ -19,6 +19,9 @@ import (
 type DB struct {
 	pool   *pgxpool.Pool
 	events kiln.Events
+	// now, when set, replaces the database's clock for lastUpdated and
+	// snapshots (tests pin it to stamp writes at chosen instants).
+	now func() time.Time
 }
 
 // Options tune Open.
@@ -183,9 +186,9 @@ const dbNow = `(extract(epoch from clock_timestamp()) * 1000)::bigint`
 // tick takes the clock row's lock for the rest of tx and returns the write's
 // lastUpdated. Writers serialize on this row; SnapshotTime takes it too, so a
 // snapshot waits for writes in flight and sees them committed.
-func tick(ctx context.Context, tx pgx.Tx) (int64, error) {
+func (db *DB) tick(ctx context.Context, tx pgx.Tx) (int64, error) {
 	var lu int64
-	err := tx.QueryRow(ctx, `UPDATE clock SET floor = GREATEST(floor, `+dbNow+`) RETURNING floor`).Scan(&lu)
+	err := tx.QueryRow(ctx, `UPDATE clock SET floor = GREATEST(floor, COALESCE($1::bigint, `+dbNow+`)) RETURNING floor`, db.pinned()).Scan(&lu)
 	if err != nil {
 		return 0, fmt.Errorf("postgres: clock: %w", err)
 	}
@@ -195,11 +198,23 @@ func tick(ctx context.Context, tx pgx.Tx) (int64, error) {
 // SnapshotTime implements kiln.ResourceStore.
 func (db *DB) SnapshotTime(ctx context.Context) (time.Time, error) {
 	var t int64
-	err := db.pool.QueryRow(ctx, `UPDATE clock SET floor = GREATEST(floor, `+dbNow+`) + 1 RETURNING floor - 1`).Scan(&t)
+	err := db.pool.QueryRow(ctx, `UPDATE clock SET floor = GREATEST(floor, COALESCE($1::bigint, `+dbNow+`)) + 1 RETURNING floor - 1`, db.pinned()).Scan(&t)
 	if err != nil {
 		return time.Time{}, fmt.Errorf("postgres: snapshot: %w", err)
 	}
 	return fromMS(t), nil
+}
+
+// SetClock pins the lastUpdated clock to now (tests); nil gives it back to
+// the database. Leases keep the database's clock.
+func (db *DB) SetClock(now func() time.Time) { db.now = now }
+
+// pinned is the pinned clock's reading in milliseconds, or nil for the database's.
+func (db *DB) pinned() any {
+	if db.now == nil {
+		return nil
+	}
+	return db.now().UnixMilli()
 }
 
 func ms(t time.Time) int64 { return t.UnixMilli() }

@@ -36,7 +36,7 @@ type writer struct {
 func (db *DB) Write(ctx context.Context, ws []kiln.Write) ([]kiln.WriteResult, error) {
 	var out []kiln.WriteResult
 	err := db.inTx(ctx, func(tx pgx.Tx) error {
-		lu, err := tick(ctx, tx)
+		lu, err := db.tick(ctx, tx)
 		if err != nil {
 			return err
 		}

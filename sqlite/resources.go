@@ -478,5 +478,5 @@ func placeholders(n int) string {
 
 var _ kiln.ResourceStore = (*DB)(nil)
 
-// now is for tests that need a controllable clock.
+// SetClock pins the lastUpdated clock to now (tests stamp writes at chosen instants).
 func (db *DB) SetClock(now func() time.Time) { db.now = now }
