@@ -354,7 +354,15 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 		}
 	}
 	if req.LimitTypes {
+		n := len(types)
 		types = slices.DeleteFunc(slices.Clone(types), func(t string) bool { return !slices.Contains(req.ReadTypes, t) })
+		if !req.TypesGiven && len(types) < n {
+			// Named _type entries the token cannot read are reported one by
+			// one at kick-off; here the client asked for everything, so say
+			// that the scopes cut it down (without naming what it may not see).
+			req.Warnings = append(req.Warnings, kiln.Issue{Expression: "scope",
+				Message: "only the resource types the token's scopes allow are exported; data of other types exists and was left out"})
+		}
 	}
 	var units []kiln.Unit
 	add := func(u kiln.Unit) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/kiln-fhir/kiln"
@@ -18,7 +19,13 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	q := baseQuery(job)
 	scan := func(q kiln.ScanQuery) error {
 		sub := newSubsetter(q.Type, req.Elements)
+		direct := q.Supporting && !asksCompartment(req)
 		return s.selection(ctx, req, q, func(body []byte) error {
+			if direct {
+				if ok, err := s.referencesPatient(q.Type, body); err != nil || !ok {
+					return err
+				}
+			}
 			if sub != nil {
 				b, err := sub.apply(body)
 				if err != nil {
@@ -76,6 +83,29 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		return nil, err
 	}
 	return w.close()
+}
+
+// asksCompartment reports whether the export asks for a type of the Patient
+// compartment. When it does not (_type=Device, say, on a Patient-level
+// export), the types outside it have no exported data to support: only their
+// resources that reference the patients themselves are the patients' data,
+// not those the patients' other resources happen to reference.
+func asksCompartment(req *kiln.ExportRequest) bool {
+	if !req.TypesGiven {
+		return true
+	}
+	return slices.ContainsFunc(req.Types, fhir.R4().InCompartment)
+}
+
+// referencesPatient reports whether a stored resource outside the
+// compartment references a patient (Device.patient, say).
+func (s *Service) referencesPatient(typ string, body []byte) (bool, error) {
+	m, err := fhir.DecodeJSON(body)
+	if err != nil {
+		return false, fmt.Errorf("decode stored resource: %w", err)
+	}
+	id, _ := m["id"].(string)
+	return len(fhir.Extract(typ, id, m, s.cfg.Ref).PatientRefs) > 0, nil
 }
 
 // baseQuery is the part of every scan of job that the job fixes: its

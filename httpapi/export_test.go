@@ -737,3 +737,39 @@ func TestPartialManifests(t *testing.T) {
 		t.Errorf("a manifest without allowPartialManifests has links: %v", plain.Link)
 	}
 }
+
+// TestPatientLevelTypesOutsideCompartment (issue 19, finding 7): at the
+// Patient and Group levels a _type outside the Patient compartment brings
+// the resources the patients' data references only beside a compartment
+// type; asked alone it is just its resources that reference the patients
+// themselves, and nothing for a type that never does (Practitioner).
+func TestPatientLevelTypesOutsideCompartment(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`,
+		`{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/a"}}]}`,
+		obs("o1", "a", `,"performer":[{"reference":"Practitioner/dr"}],"device":{"reference":"Device/d-ref"}`),
+		`{"resourceType":"Encounter","id":"e1","status":"finished","class":{"code":"AMB"},"subject":{"reference":"Patient/a"},"participant":[{"individual":{"reference":"Practitioner/enc-dr"}}]}`,
+		`{"resourceType":"Device","id":"d-own","patient":{"reference":"Patient/a"}}`,
+		`{"resourceType":"Device","id":"d-b","patient":{"reference":"Patient/b"}}`,
+		`{"resourceType":"Device","id":"d-ref"}`,
+		`{"resourceType":"Practitioner","id":"dr"}`, `{"resourceType":"Practitioner","id":"enc-dr"}`, `{"resourceType":"Practitioner","id":"other"}`)
+	for _, tc := range []struct {
+		types string
+		want  []string
+	}{
+		{"Practitioner", nil},
+		{"Device", []string{"Device/d-own"}},
+		{"Practitioner,Device", []string{"Device/d-own"}},
+		// Beside a compartment type: what the patients' data references (of
+		// any of its types, as indexed) and what references the patients.
+		{"Observation,Practitioner", []string{"Observation/o1", "Practitioner/dr", "Practitioner/enc-dr"}},
+		{"Observation,Device", []string{"Device/d-own", "Device/d-ref", "Observation/o1"}},
+	} {
+		for _, level := range []string{"/Patient/$export?patient=Patient/a&", "/Group/g/$export?"} {
+			got := exportedRefs(t, e, e.mustComplete(e.kickOff("GET", level+"_type="+tc.types, nil)))
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("%s_type=%s: %v, want %v", level, tc.types, got, tc.want)
+			}
+		}
+	}
+}

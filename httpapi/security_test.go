@@ -340,10 +340,19 @@ func TestTenantIsolation(t *testing.T) {
 	if l := r.linesAuth(m.Error[0].URL, narrow); len(l) != 1 || !strings.Contains(string(l[0]), "Cannot access Observation") {
 		t.Errorf("error file: %s", l)
 	}
-	// Without _type, just the permitted types.
+	// Without _type, just the permitted types, and the error file says the
+	// scopes cut the export down (issue 19, finding 7), naming no type.
 	m = r.mustCompleteAuth(r.kickOff("GET", "/$export", nil, bearer(narrow)...), narrow)
-	if len(m.Output) != 1 || m.Output[0].Type != "Patient" {
-		t.Errorf("no _type with a Patient-only token: %+v", m.Output)
+	if len(m.Output) != 1 || m.Output[0].Type != "Patient" || len(m.Error) != 1 {
+		t.Fatalf("no _type with a Patient-only token: %+v", m)
+	}
+	if l := r.linesAuth(m.Error[0].URL, narrow); len(l) != 1 || !strings.Contains(string(l[0]), "scopes allow") || strings.Contains(string(l[0]), "Observation") {
+		t.Errorf("error file of a scope-narrowed export: %s", l)
+	}
+	// A token that reads every type: no such statement.
+	m = r.mustCompleteAuth(r.kickOff("GET", "/$export", nil, bearer(a)...), a)
+	if len(m.Error) != 0 {
+		t.Errorf("error file with a token that reads everything: %+v", m.Error)
 	}
 }
 
