@@ -61,7 +61,10 @@ type ExportRequest struct {
 	// RelevantProvenanceResources: the export adds the Provenance whose
 	// target is an exported resource (all of them, or the newest per target).
 	IncludeAssociatedData []string `json:"includeAssociatedData,omitempty"`
-	Lenient               bool     `json:"lenient,omitempty"`
+	// OrganizeOutputBy is "Patient" for Bulk Data v3 resource blocks: each
+	// patient's data after a Parameters header naming the patient.
+	OrganizeOutputBy string `json:"organizeOutputBy,omitempty"`
+	Lenient          bool   `json:"lenient,omitempty"`
 	// AllowPartialManifests (Bulk Data v3): while the export runs, the status
 	// answers with manifest pages of the files already written.
 	AllowPartialManifests bool `json:"allowPartialManifests,omitempty"`
@@ -115,6 +118,9 @@ type File struct {
 	Count int64    `json:"count"`
 	Bytes int64    `json:"bytes"`
 	Parts []string `json:"parts"`
+	// ContinuesIn names the file the last resource block of this one goes
+	// on in (organizeOutputBy, a block larger than the file limits).
+	ContinuesIn string `json:"continuesIn,omitempty"`
 }
 
 // Finished reports whether the job will do no more work.
@@ -183,6 +189,9 @@ type Part struct {
 	Bytes int64  `json:"bytes"`
 	// Kind is "output", "deleted" or "error".
 	Kind string `json:"kind"`
+	// Continues is true when the part ends inside a resource block that the
+	// unit's next part of the same kind and type goes on with.
+	Continues bool `json:"continues,omitempty"`
 }
 
 // WriteOptions tune how a sink writes one file.

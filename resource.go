@@ -292,4 +292,7 @@ type ExportReader interface {
 	PatientsAt(ctx context.Context, snapshot time.Time, ids []string) ([]string, error)
 	// TypesPresent lists the types that have any resource.
 	TypesPresent(ctx context.Context) ([]string, error)
+	// JobPatients lists the ids of a job's patients with ordinals lo to hi
+	// (inclusive), in ordinal order.
+	JobPatients(ctx context.Context, job string, lo, hi int) ([]string, error)
 }

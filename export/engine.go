@@ -401,6 +401,13 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 			}
 		}
 		exported = types
+		if req.OrganizeOutputBy != "" {
+			// Blocks hold the compartment only, the patient first.
+			supp, exported = nil, comp
+			if i := slices.Index(comp, "Patient"); i > 0 {
+				comp = slices.Concat([]string{"Patient"}, slices.Delete(slices.Clone(comp), i, i+1))
+			}
+		}
 		if patients > 0 && len(comp) > 0 {
 			b := req.PatientReferenceBatchSize
 			for lo := 0; lo < patients; lo += b {
@@ -1010,9 +1017,16 @@ func pageFiles(parts []kiln.Part, pages [][]kiln.File) []kiln.File {
 		}
 	}
 	var files []kiln.File
-	for _, p := range parts {
+	for i, p := range parts {
 		if p.Count > 0 && !onPage[p.Name] {
-			files = append(files, kiln.File{Name: p.Name, Type: p.Type, Kind: p.Kind, Count: p.Count, Bytes: p.Bytes, Parts: []string{p.Name}})
+			f := kiln.File{Name: p.Name, Type: p.Type, Kind: p.Kind, Count: p.Count, Bytes: p.Bytes, Parts: []string{p.Name}}
+			if p.Continues {
+				// The unit's next part of the kind and type, finished with this one.
+				if j := slices.IndexFunc(parts[i+1:], func(n kiln.Part) bool { return n.Kind == p.Kind && n.Type == p.Type }); j >= 0 {
+					f.ContinuesIn = parts[i+1+j].Name
+				}
+			}
+			files = append(files, f)
 		}
 	}
 	slices.SortStableFunc(files, func(a, b kiln.File) int {
@@ -1060,23 +1074,30 @@ func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
 	var files []kiln.File
 	for _, k := range keys {
 		n := 0
-		var cur *kiln.File
+		cur := -1
+		continues := false
 		for _, p := range byKey[k] {
-			if cur == nil || cur.Count+p.Count > maxCount || cur.Bytes+p.Bytes > maxBytes {
+			if cur < 0 || continues || files[cur].Count+p.Count > maxCount || files[cur].Bytes+p.Bytes > maxBytes {
 				n++
 				name := fmt.Sprintf("%s-%d.ndjson", k.typ, n)
-				switch k.kind {
-				case "deleted":
+				switch {
+				case k.kind == "deleted":
 					name = fmt.Sprintf("deleted-%d.ndjson", n)
-				case "error":
+				case k.kind == "error":
 					name = fmt.Sprintf("error-%d.ndjson", n)
+				case k.typ == "":
+					name = fmt.Sprintf("blocks-%d.ndjson", n) // organizeOutputBy: every type
+				}
+				if continues {
+					files[cur].ContinuesIn = name
 				}
 				files = append(files, kiln.File{Name: name, Type: k.typ, Kind: k.kind})
-				cur = &files[len(files)-1]
+				cur = len(files) - 1
 			}
-			cur.Count += p.Count
-			cur.Bytes += p.Bytes
-			cur.Parts = append(cur.Parts, p.Name)
+			files[cur].Count += p.Count
+			files[cur].Bytes += p.Bytes
+			files[cur].Parts = append(files[cur].Parts, p.Name)
+			continues = p.Continues
 		}
 	}
 	return files

@@ -99,6 +99,7 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 		}
 		p.param(name, raw, vals)
 	}
+	p.organized()
 	if p.err != nil {
 		return nil, p.err
 	}
@@ -251,6 +252,36 @@ type parser struct {
 func (p *parser) fail(param, format string, args ...any) {
 	if p.err == nil {
 		p.err = kiln.Invalid(param, format, args...)
+	}
+}
+
+// organized checks what organizeOutputBy=Patient can be combined with:
+// blocks are a patient's compartment, so only Patient- and Group-level
+// exports, only compartment types, and no separate Provenance pass (the
+// compartment has the patient's Provenance already). Under lenient what
+// cannot be honoured is dropped, with a warning.
+func (p *parser) organized() {
+	r := p.req
+	if r.OrganizeOutputBy == "" {
+		return
+	}
+	if r.Level == kiln.LevelSystem {
+		p.unsupported("organizeOutputBy", "organizeOutputBy is supported on Patient- and Group-level exports, not at the system level")
+		r.OrganizeOutputBy = ""
+		return
+	}
+	kept := r.Types[:0:0]
+	for _, t := range r.Types {
+		if fhir.R4().InCompartment(t) {
+			kept = append(kept, t)
+			continue
+		}
+		p.unsupported("_type", "_type %s is outside the Patient compartment, which organizeOutputBy=Patient blocks hold", t)
+	}
+	r.Types = kept
+	if len(r.IncludeAssociatedData) > 0 {
+		p.unsupported("includeAssociatedData", "includeAssociatedData cannot be combined with organizeOutputBy: each block already holds its patient's Provenance")
+		r.IncludeAssociatedData = nil
 	}
 }
 
@@ -412,7 +443,15 @@ func (p *parser) param(name, raw string, vals []string) {
 			r.TypeFilters[q.Type] = append(r.TypeFilters[q.Type], query)
 		}
 	case "organizeOutputBy":
-		p.unsupported(raw, "%s is not supported", name)
+		v, ok := single(vals)
+		switch {
+		case !ok:
+			p.fail(raw, "%s takes one value", name)
+		case v == "Patient":
+			r.OrganizeOutputBy = v
+		default:
+			p.unsupported(raw, "organizeOutputBy %q is not supported: use Patient", v)
+		}
 	case "allowPartialManifests":
 		v, ok := single(vals)
 		if !ok || v != "true" && v != "false" {

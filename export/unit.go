@@ -1,6 +1,7 @@
 package export
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -17,7 +18,8 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
 	q := baseQuery(job)
-	scan := func(q kiln.ScanQuery) error {
+	// scanTo streams what the export keeps of one scan to emit.
+	scanTo := func(q kiln.ScanQuery, emit func([]byte) error) error {
 		sub := newSubsetter(q.Type, req.Elements)
 		direct := q.Supporting && !asksCompartment(req)
 		return s.selection(ctx, req, q, func(body []byte) error {
@@ -33,8 +35,11 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 				}
 				body = b
 			}
-			return w.write("output", q.Type, body)
+			return emit(body)
 		})
+	}
+	scan := func(q kiln.ScanQuery) error {
+		return scanTo(q, func(body []byte) error { return w.write("output", q.Type, body) })
 	}
 	var err error
 	switch u.Kind {
@@ -43,6 +48,10 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		err = scan(q)
 	case kiln.UnitPatients:
 		q.Job, q.PatientLo, q.PatientHi = job.ID, u.PatientLo, u.PatientHi
+		if req.OrganizeOutputBy != "" {
+			err = s.blocks(ctx, job.ID, u, q, w, scanTo)
+			break
+		}
 		for _, t := range u.Types {
 			q.Type = t
 			if err = scan(q); err != nil {
@@ -83,6 +92,38 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		return nil, err
 	}
 	return w.close()
+}
+
+// blocks writes organizeOutputBy=Patient output: per patient of the unit, a
+// Parameters header naming it, then its compartment (the patient first),
+// each resource in the block of its lowest-ordinal patient only. A patient
+// with nothing in the export has no block.
+func (s *Service) blocks(ctx context.Context, job string, u *kiln.Unit, q kiln.ScanQuery, w *partWriter, scanTo func(kiln.ScanQuery, func([]byte) error) error) error {
+	ids, err := s.store.JobPatients(ctx, job, u.PatientLo, u.PatientHi)
+	if err != nil {
+		return err
+	}
+	for i, id := range ids {
+		w.beginBlock(blockHeader(id))
+		q.PatientLo, q.PatientHi = u.PatientLo+i, u.PatientLo+i
+		for _, t := range u.Types {
+			q.Type = t
+			if err := scanTo(q, w.blockLine); err != nil {
+				return err
+			}
+		}
+		if err := w.endBlock(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// blockHeader is the Parameters resource that opens a patient's block.
+func blockHeader(patient string) []byte {
+	b := []byte(`{"resourceType":"Parameters","parameter":[{"name":"header","valueReference":{"reference":`)
+	b = fhir.AppendString(b, "Patient/"+patient)
+	return append(b, `}}]}`...)
 }
 
 // asksCompartment reports whether the export asks for a type of the Patient
@@ -203,21 +244,41 @@ type partWriter struct {
 	open     map[string]*openPart
 	done     []kiln.Part
 	n        int
+	blk      *block // the resource block being written (organizeOutputBy)
 }
 
 var newline = []byte{'\n'}
 
 func (w *partWriter) write(kind, typ string, line []byte) error {
 	key := kind + "/" + typ
-	p := w.open[key]
-	if p != nil && (p.part.Count >= w.maxCount || p.part.Bytes+int64(len(line))+1 > w.maxBytes && p.part.Count > 0) {
-		if err := p.w.Close(); err != nil {
-			return fmt.Errorf("write export part %s: %w", p.part.Name, err)
+	if p := w.open[key]; p != nil && w.full(p, line) {
+		if err := w.roll(key); err != nil {
+			return err
 		}
-		w.done = append(w.done, p.part)
-		delete(w.open, key)
-		p = nil
 	}
+	return w.put(kind, typ, line)
+}
+
+// full reports whether line would take p past the file limits.
+func (w *partWriter) full(p *openPart, line []byte) bool {
+	return p.part.Count >= w.maxCount || p.part.Bytes+int64(len(line))+1 > w.maxBytes && p.part.Count > 0
+}
+
+// roll closes the open part of key; the next line starts a new one.
+func (w *partWriter) roll(key string) error {
+	p := w.open[key]
+	if err := p.w.Close(); err != nil {
+		return fmt.Errorf("write export part %s: %w", p.part.Name, err)
+	}
+	w.done = append(w.done, p.part)
+	delete(w.open, key)
+	return nil
+}
+
+// put appends line to the open part of kind and type, opening one if needed.
+func (w *partWriter) put(kind, typ string, line []byte) error {
+	key := kind + "/" + typ
+	p := w.open[key]
 	if p == nil {
 		if err := w.ctx.Err(); err != nil {
 			return err
@@ -244,6 +305,89 @@ func (w *partWriter) write(kind, typ string, line []byte) error {
 		return w.ctx.Err()
 	}
 	return nil
+}
+
+// maxBlockBuffer bounds the memory a unit holds for one resource block
+// while it decides whether the block fits in the current file.
+const maxBlockBuffer = 32 << 20
+
+// blockKey is the part key of organized output: every type in one stream.
+const blockKey = "output/"
+
+// block is a resource block being written (organizeOutputBy).
+type block struct {
+	header []byte
+	lines  [][]byte
+	size   int64 // bytes of header and lines, newlines included
+	// flushed: the block went out (it outgrew the buffer); lines now stream.
+	flushed bool
+}
+
+func (w *partWriter) beginBlock(header []byte) {
+	w.blk = &block{header: header, size: int64(len(header)) + 1}
+}
+
+// blockLine adds a resource to the open block. Blocks are held until they
+// end, so that one that fits in a file is never split across two; one that
+// outgrows the buffer is written as it comes.
+func (w *partWriter) blockLine(line []byte) error {
+	b := w.blk
+	if b.flushed {
+		return w.blockPut(line)
+	}
+	b.lines = append(b.lines, bytes.Clone(line))
+	b.size += int64(len(line)) + 1
+	if b.size > min(w.maxBytes, maxBlockBuffer) {
+		return w.flushBlock()
+	}
+	return nil
+}
+
+// endBlock writes the block, unless it holds no resource.
+func (w *partWriter) endBlock() error {
+	defer func() { w.blk = nil }()
+	if b := w.blk; !b.flushed && len(b.lines) > 0 {
+		return w.flushBlock()
+	}
+	return nil
+}
+
+// flushBlock writes the buffered block, in a new file when the current one
+// cannot hold it whole.
+func (w *partWriter) flushBlock() error {
+	b := w.blk
+	if p := w.open[blockKey]; p != nil && p.part.Count > 0 && (p.part.Count+int64(len(b.lines))+1 > w.maxCount || p.part.Bytes+b.size > w.maxBytes) {
+		if err := w.roll(blockKey); err != nil {
+			return err
+		}
+	}
+	if err := w.put("output", "", b.header); err != nil {
+		return err
+	}
+	b.flushed = true
+	for _, l := range b.lines {
+		if err := w.blockPut(l); err != nil {
+			return err
+		}
+	}
+	b.lines = nil
+	return nil
+}
+
+// blockPut writes a line of a block that is going out; when the file is
+// full the block continues in the next one, which repeats the header (the
+// IG's rule for a split block).
+func (w *partWriter) blockPut(line []byte) error {
+	if p := w.open[blockKey]; p != nil && w.full(p, line) {
+		p.part.Continues = true
+		if err := w.roll(blockKey); err != nil {
+			return err
+		}
+		if err := w.put("output", "", w.blk.header); err != nil {
+			return err
+		}
+	}
+	return w.put("output", "", line)
 }
 
 func (w *partWriter) close() ([]kiln.Part, error) {

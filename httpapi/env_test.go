@@ -281,6 +281,7 @@ type manifest struct {
 	TransactionTime     string `json:"transactionTime"`
 	Request             string `json:"request"`
 	RequiresAccessToken bool   `json:"requiresAccessToken"`
+	OutputOrganizedBy   string `json:"outputOrganizedBy"`
 	Output              []item `json:"output"`
 	Deleted             []item `json:"deleted"`
 	Error               []item `json:"error"`
@@ -289,9 +290,10 @@ type manifest struct {
 }
 
 type item struct {
-	Type  string `json:"type"`
-	URL   string `json:"url"`
-	Count int    `json:"count"`
+	Type            string `json:"type"`
+	URL             string `json:"url"`
+	Count           int    `json:"count"`
+	ContinuesInFile string `json:"continuesInFile"`
 }
 
 // wait polls a status URL until the export finishes; 202s must carry

@@ -351,18 +351,23 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 type manifestFile struct {
-	Type  string `json:"type"`
+	// Type is left out of organized output (v3: SHALL NOT be set).
+	Type  string `json:"type,omitempty"`
 	URL   string `json:"url"`
 	Count int64  `json:"count"`
+	// ContinuesInFile is the URL of the file the last block goes on in.
+	ContinuesInFile string `json:"continuesInFile,omitempty"`
 }
 
 type manifest struct {
-	TransactionTime     string         `json:"transactionTime"`
-	Request             string         `json:"request"`
-	RequiresAccessToken bool           `json:"requiresAccessToken"`
-	Output              []manifestFile `json:"output"`
-	Deleted             []manifestFile `json:"deleted"`
-	Error               []manifestFile `json:"error"`
+	TransactionTime     string `json:"transactionTime"`
+	Request             string `json:"request"`
+	RequiresAccessToken bool   `json:"requiresAccessToken"`
+	// OutputOrganizedBy echoes organizeOutputBy.
+	OutputOrganizedBy string         `json:"outputOrganizedBy,omitempty"`
+	Output            []manifestFile `json:"output"`
+	Deleted           []manifestFile `json:"deleted"`
+	Error             []manifestFile `json:"error"`
 	// Errors repeats Error for Helix clients, which read that key.
 	Errors []manifestFile `json:"errors"`
 	// Link leads to the next manifest page (allowPartialManifests).
@@ -404,16 +409,33 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job, files []kiln.File) (mani
 		Output:              []manifestFile{},
 		Deleted:             []manifestFile{},
 		Error:               []manifestFile{},
+		OutputOrganizedBy:   j.Request.OrganizeOutputBy,
+	}
+	fileURL := func(f *kiln.File) (string, error) {
+		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil || ok {
+			// Capability URLs from the sink: no token is needed, or to be sent.
+			m.RequiresAccessToken = m.RequiresAccessToken && !ok
+			return u, err
+		}
+		return s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), nil
 	}
 	for i := range files {
 		f := &files[i]
-		mf := manifestFile{Type: f.Type, URL: s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), Count: f.Count}
-		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil {
+		u, err := fileURL(f)
+		if err != nil {
 			return m, err
-		} else if ok {
-			// Capability URLs from the sink: no token is needed, or to be sent.
-			mf.URL = u
-			m.RequiresAccessToken = false
+		}
+		mf := manifestFile{Type: f.Type, URL: u, Count: f.Count}
+		if f.ContinuesIn != "" {
+			// The file it continues in, from this list when it is here (a
+			// presigned URL then), else by name: every page's files are served.
+			next := &kiln.File{Name: f.ContinuesIn}
+			if k := slices.IndexFunc(files, func(o kiln.File) bool { return o.Name == f.ContinuesIn }); k >= 0 {
+				next = &files[k]
+			}
+			if mf.ContinuesInFile, err = fileURL(next); err != nil {
+				return m, err
+			}
 		}
 		switch f.Kind {
 		case "output":

@@ -298,4 +298,17 @@ func (db *DB) TypesPresent(ctx context.Context) ([]string, error) {
 	return pgx.CollectRows(rows, pgx.RowTo[string])
 }
 
+// JobPatients implements kiln.ExportReader.
+func (db *DB) JobPatients(ctx context.Context, job string, lo, hi int) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT patient FROM job_patients WHERE job=$1 AND ord BETWEEN $2 AND $3 ORDER BY ord`, job, lo, hi)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: list patients of job %s: %w", job, err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("postgres: list patients of job %s: %w", job, err)
+	}
+	return ids, nil
+}
+
 var _ kiln.ExportReader = (*DB)(nil)

@@ -377,3 +377,21 @@ func (db *DB) TypesPresent(ctx context.Context) ([]string, error) {
 }
 
 var _ kiln.ExportReader = (*DB)(nil)
+
+// JobPatients implements kiln.ExportReader.
+func (db *DB) JobPatients(ctx context.Context, job string, lo, hi int) ([]string, error) {
+	rows, err := db.read.QueryContext(ctx, `SELECT patient FROM job_patients WHERE job=? AND ord BETWEEN ? AND ? ORDER BY ord`, job, lo, hi)
+	if err != nil {
+		return nil, fmt.Errorf("list patients of job %s: %w", job, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		out = append(out, id)
+	}
+	return out, rows.Err()
+}
