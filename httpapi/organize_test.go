@@ -132,7 +132,12 @@ func TestOrganizeOutputByPatient(t *testing.T) {
 		blocks := readBlocks(t, e, m)
 		var got []string
 		split := 0
+		seen := map[string]bool{}
 		for _, b := range blocks {
+			if seen[b.patient] {
+				t.Errorf("%s: two blocks of %s", path, b.patient)
+			}
+			seen[b.patient] = true
 			if len(b.refs) == 0 || b.refs[0] != "Patient/"+b.patient {
 				t.Errorf("%s: block of %s does not start with the patient: %.3v", path, b.patient, b.refs)
 			}
