@@ -325,10 +325,15 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 	members = uniqSorted(members)
 	if len(req.Patients) > 0 {
 		ids := uniqSorted(req.Patients)
-		if out := minus(ids, members); len(out) > 0 {
-			return nil, kiln.Invalid("patient", "patient %s is not an active member of Group/%s", refs("Patient", out), req.GroupID)
+		out := minus(ids, members)
+		if len(out) > 0 && !req.Lenient {
+			return nil, kiln.Invalid("patient", "patient %s is not an active member of Group/%s (send Prefer: handling=lenient to export the members among them)", refs("Patient", out), req.GroupID)
 		}
-		members = ids
+		// Lenient: the members among them are exported, each other id is an error-file line.
+		for _, id := range out {
+			req.Warnings = append(req.Warnings, kiln.Issue{Expression: "patient", Message: fmt.Sprintf("Patient/%s is not an active member of Group/%s; skipped", id, req.GroupID)})
+		}
+		members = minus(ids, out)
 	}
 	found, err := s.store.PatientsAt(ctx, snap, members)
 	if err != nil {

@@ -773,3 +773,31 @@ func TestPatientLevelTypesOutsideCompartment(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupPatientNotMember (issue 19, "lenient is lenient"): a patient
+// parameter naming someone who is not an active member of the Group is a
+// 400 naming them; under Prefer: handling=lenient the members among them are
+// exported and every other id is an error-file line.
+func TestGroupPatientNotMember(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`, `{"resourceType":"Patient","id":"c"}`,
+		obs("o-a", "a", ""), obs("o-b", "b", ""), obs("o-c", "c", ""),
+		`{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/a"}},{"entity":{"reference":"Patient/b"},"inactive":true}]}`)
+	path := "/Group/g/$export?_type=Patient,Observation&patient=Patient/a,Patient/b,Patient/c"
+	if r := e.do("GET", path, nil, "Prefer", "respond-async"); r.StatusCode != 400 || !strings.Contains(r.outcomeText(t), "Patient/b, Patient/c is not an active member") {
+		t.Errorf("strict: %d %s", r.StatusCode, r.body)
+	}
+	m := e.mustComplete(e.kickOff("GET", path, nil, "Prefer", "handling=lenient"))
+	if got := exportedRefs(t, e, m); !slices.Equal(got, []string{"Observation/o-a", "Patient/a"}) {
+		t.Errorf("lenient: exported %v", got)
+	}
+	if len(m.Error) != 1 {
+		t.Fatalf("lenient: error files %+v", m.Error)
+	}
+	text := string(bytes.Join(e.lines(m.Error[0].URL, false), []byte("\n")))
+	for _, id := range []string{"b", "c"} {
+		if !strings.Contains(text, "Patient/"+id+" is not an active member of Group/g; skipped") {
+			t.Errorf("lenient: error file does not name Patient/%s: %s", id, text)
+		}
+	}
+}
