@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"mime"
 	"net/url"
 	"regexp"
@@ -99,6 +100,16 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 		}
 		p.param(name, raw, vals)
 	}
+	if req.TypesGiven {
+		// A filter on a type the export leaves out cannot be honoured: under
+		// lenient handling it is dropped with a warning.
+		for _, typ := range slices.Sorted(maps.Keys(req.TypeFilters)) {
+			if !slices.Contains(req.Types, typ) {
+				p.unsupported("_typeFilter", "_typeFilter on %s, which is not in _type", typ)
+				delete(req.TypeFilters, typ)
+			}
+		}
+	}
 	p.organized()
 	if p.err != nil {
 		return nil, p.err
@@ -114,13 +125,6 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 		l, _ := ParseMemory(req.LimitsMemory)
 		if l < r {
 			return nil, kiln.Invalid("limitsMemory", "limitsMemory %s is below ram %s", req.LimitsMemory, req.RAM)
-		}
-	}
-	if req.TypesGiven {
-		for typ := range req.TypeFilters {
-			if !slices.Contains(req.Types, typ) {
-				return nil, kiln.Invalid("_typeFilter", "_typeFilter on %s, which is not in _type", typ)
-			}
 		}
 	}
 	if req.Since != nil && req.Until != nil && !req.Until.After(*req.Since) {

@@ -265,15 +265,20 @@ func TestExportSynthea100(t *testing.T) {
 	})
 
 	t.Run("LenientIgnoresIntoErrorFile", func(t *testing.T) {
-		loc := e.kickOff("GET", "/$export?_type=Patient&bogus=1&_typeFilter=Patient%3Fnickname%3Dx", nil, "Prefer", "respond-async, handling=lenient")
+		loc := e.kickOff("GET", "/$export?_type=Patient&bogus=1&_typeFilter=Patient%3Fnickname%3Dx&_typeFilter=Observation%3Fstatus%3Dfinal", nil, "Prefer", "respond-async, handling=lenient")
 		m := e.mustComplete(loc)
-		if len(m.Error) != 1 || m.Error[0].Type != "OperationOutcome" || m.Error[0].Count != 2 {
+		if len(m.Error) != 1 || m.Error[0].Type != "OperationOutcome" || m.Error[0].Count != 3 {
 			t.Fatalf("error files %+v", m.Error)
 		}
+		var text []string
 		for _, l := range e.lines(m.Error[0].URL, false) {
 			if !strings.Contains(string(l), `"resourceType":"OperationOutcome"`) {
 				t.Fatalf("error line %s", l)
 			}
+			text = append(text, string(l))
+		}
+		if !strings.Contains(strings.Join(text, "\n"), "_typeFilter on Observation, which is not in _type") {
+			t.Errorf("the filter on a type outside _type is not in the error file: %v", text)
 		}
 		if len(m.Output) != 1 {
 			t.Fatalf("output %+v", m.Output)
