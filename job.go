@@ -2,8 +2,10 @@ package kiln
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 )
 
@@ -25,35 +27,39 @@ const (
 	LevelGroup   = "group"
 )
 
-// ExportRequest is a validated kick-off: what to export and how.
+// ExportRequest is a validated kick-off, stored with its job: what the
+// client asked, what its token grants, and Helix's job hints, each in its own
+// part, so that each parameter is handled in one place. One convention for
+// "unset" holds throughout: a nil slice, map or pointer is unset (nothing
+// asked, no limit); an empty non-nil slice is a limit that admits nothing.
+// Strings and numbers get their defaults at kick-off, so their zero values
+// are never read as choices. Types, ReadTypes and Tenants keep that
+// distinction in JSON (null or []), so they have no omitempty.
 type ExportRequest struct {
+	ExportAsk
+	ExportGrant
+	JobHints
+	// Warnings are problems ignored under Prefer: handling=lenient, and
+	// statements of what was left out; each becomes an OperationOutcome line
+	// in the error file.
+	Warnings []Issue `json:"warnings,omitempty"`
+}
+
+// ExportAsk is what the client asked for (the Bulk Data parameters).
+type ExportAsk struct {
 	Level   string `json:"level"`
 	GroupID string `json:"groupId,omitempty"`
 	// RequestURL is the kick-off URL as the client sent it (for the manifest).
 	RequestURL string `json:"request"`
-	// Types is the _type list; empty means every type the client may read.
-	Types []string `json:"types,omitempty"`
-	// TypesGiven is true when the client sent _type, even if none of its
-	// types is left after the scope check (then nothing is exported).
-	TypesGiven bool `json:"typesGiven,omitempty"`
-	// LimitTypes restricts the export to ReadTypes (the token's readable types).
-	LimitTypes bool     `json:"limitTypes,omitempty"`
-	ReadTypes  []string `json:"readTypes,omitempty"`
-	// LimitTenants restricts the export to records tagged with one of Tenants
-	// (the token's access/ codes).
-	LimitTenants bool       `json:"limitTenants,omitempty"`
-	Tenants      []string   `json:"tenants,omitempty"`
-	Since        *time.Time `json:"since,omitempty"`
-	Until        *time.Time `json:"until,omitempty"`
-	Patients     []string   `json:"patients,omitempty"`
+	// Types is the _type list: nil when _type was not sent (every type the
+	// token reads); empty when none of its types is left (nothing is exported).
+	Types    []string   `json:"types"`
+	Since    *time.Time `json:"since,omitempty"`
+	Until    *time.Time `json:"until,omitempty"`
+	Patients []string   `json:"patients,omitempty"`
 	// TypeFilters holds the _typeFilter queries per type ("category=laboratory");
 	// several for one type are ORed.
 	TypeFilters map[string][]string `json:"typeFilters,omitempty"`
-	// ScopeFilters holds, per type, the query filters of the token's SMART v2
-	// scopes: a resource of the type is exported only when it matches one of
-	// them (and one of its TypeFilters, if any). Deletions of such types are
-	// not reported: a tombstone cannot be matched.
-	ScopeFilters map[string][]string `json:"scopeFilters,omitempty"`
 	// Elements holds _elements as given: "element" or "Type.element".
 	Elements     []string `json:"elements,omitempty"`
 	OutputFormat string   `json:"outputFormat"`
@@ -68,10 +74,34 @@ type ExportRequest struct {
 	// AllowPartialManifests (Bulk Data v3): while the export runs, the status
 	// answers with manifest pages of the files already written.
 	AllowPartialManifests bool `json:"allowPartialManifests,omitempty"`
-	// Warnings are problems ignored under Prefer: handling=lenient; each
-	// becomes an OperationOutcome line in the error file.
-	Warnings []Issue `json:"warnings,omitempty"`
+}
 
+// TypesAsked reports whether the client sent _type.
+func (a *ExportAsk) TypesAsked() bool { return a.Types != nil }
+
+// ExportGrant is what the client's token lets the export read; it narrows
+// the ask and is kept for the job's whole run.
+type ExportGrant struct {
+	// ReadTypes: nil when the token reads every type, else the types it reads.
+	ReadTypes []string `json:"readTypes"`
+	// Tenants: nil for no tenant limit, else the access/ codes a record must
+	// carry one of (empty: none is visible).
+	Tenants []string `json:"tenants"`
+	// ScopeFilters holds, per type, the query filters of the token's SMART v2
+	// scopes: a resource of the type is exported only when it matches one of
+	// them (and one of its TypeFilters, if any). Deletions of such types are
+	// not reported: a tombstone cannot be matched.
+	ScopeFilters map[string][]string `json:"scopeFilters,omitempty"`
+}
+
+// Reads reports whether the grant reads typ.
+func (g *ExportGrant) Reads(typ string) bool {
+	return g.ReadTypes == nil || slices.Contains(g.ReadTypes, typ)
+}
+
+// JobHints are Helix's job parameters: batch sizes, and what the
+// Kubernetes launcher gives the job's pods.
+type JobHints struct {
 	PatientReferenceBatchSize int    `json:"patientReferenceBatchSize"`
 	FetchResourceBatchSize    int    `json:"fetchResourceBatchSize"`
 	UploadPartSize            int64  `json:"uploadPartSize"`
@@ -80,6 +110,34 @@ type ExportRequest struct {
 	LimitsMemory              string `json:"limitsMemory,omitempty"`
 	RAM                       string `json:"ram,omitempty"`
 	TTLSecondsAfterFinished   *int   `json:"ttlSecondsAfterFinished,omitempty"`
+}
+
+// UnmarshalJSON reads requests stored before the convention above, when
+// flags said whether _type was sent and whether types and tenants were
+// limited, and an empty list was left out of the JSON: such a limit must
+// not come back as "no limit".
+func (r *ExportRequest) UnmarshalJSON(b []byte) error {
+	type plain ExportRequest
+	var v struct {
+		plain
+		TypesGiven   bool `json:"typesGiven"`
+		LimitTypes   bool `json:"limitTypes"`
+		LimitTenants bool `json:"limitTenants"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*r = ExportRequest(v.plain)
+	if v.TypesGiven && r.Types == nil {
+		r.Types = []string{}
+	}
+	if v.LimitTypes && r.ReadTypes == nil {
+		r.ReadTypes = []string{}
+	}
+	if v.LimitTenants && r.Tenants == nil {
+		r.Tenants = []string{}
+	}
+	return nil
 }
 
 // Job is an export job as stored.

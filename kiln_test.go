@@ -1,6 +1,9 @@
 package kiln
 
-import "testing"
+import (
+	"encoding/json"
+	"testing"
+)
 
 func TestDecide(t *testing.T) {
 	h1, h2 := []byte{1}, []byte{2}
@@ -50,5 +53,39 @@ func TestDecide(t *testing.T) {
 		if err != nil || step != c.step || res.Version != c.version || flags != c.flags || res.Type != "Patient" || res.ID != "p" {
 			t.Errorf("%s: step %d version %d flags %q err %v; want step %d version %d flags %q", c.name, step, res.Version, flags, err, c.step, c.version, c.flags)
 		}
+	}
+}
+
+// TestExportRequestUnsetConvention: nil is unset and empty is a limit that
+// admits nothing, through the JSON a job is stored as — and requests stored
+// with the older flags come back with their limits, never as "no limit".
+func TestExportRequestUnsetConvention(t *testing.T) {
+	var r ExportRequest
+	r.Types, r.Tenants = []string{}, []string{} // asked for types, none left; no tenant visible
+	b, err := json.Marshal(&r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back ExportRequest
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	if back.Types == nil || !back.TypesAsked() || back.Tenants == nil || back.ReadTypes != nil || !back.Reads("Claim") {
+		t.Errorf("round trip of %s: types %#v tenants %#v readTypes %#v", b, back.Types, back.Tenants, back.ReadTypes)
+	}
+	legacy := `{"level":"system","typesGiven":true,"limitTypes":true,"limitTenants":true,"outputFormat":"application/fhir+ndjson","patientReferenceBatchSize":250}`
+	var old ExportRequest
+	if err := json.Unmarshal([]byte(legacy), &old); err != nil {
+		t.Fatal(err)
+	}
+	if old.Types == nil || old.ReadTypes == nil || old.Tenants == nil || old.Reads("Patient") || old.PatientReferenceBatchSize != 250 || old.Level != LevelSystem {
+		t.Errorf("legacy request read as %+v", old)
+	}
+	var none ExportRequest
+	if err := json.Unmarshal([]byte(`{"level":"patient","readTypes":["Patient"]}`), &none); err != nil {
+		t.Fatal(err)
+	}
+	if none.Types != nil || none.Tenants != nil || !none.Reads("Patient") || none.Reads("Observation") {
+		t.Errorf("request without limits read as %+v", none)
 	}
 }

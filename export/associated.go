@@ -220,7 +220,7 @@ func planAssociated(req *kiln.ExportRequest) bool {
 	if len(req.IncludeAssociatedData) == 0 {
 		return false
 	}
-	if req.LimitTypes && !slices.Contains(req.ReadTypes, "Provenance") {
+	if !req.Reads("Provenance") {
 		req.Warnings = append(req.Warnings, kiln.Issue{Expression: "includeAssociatedData",
 			Message: fmt.Sprintf("no Provenance exported for includeAssociatedData=%s: the token's scopes do not grant Provenance", strings.Join(req.IncludeAssociatedData, ","))})
 		return false

@@ -204,7 +204,7 @@ func TestIncludeAssociatedDataOnGeneratedData(t *testing.T) {
 	}{{export.RelevantProvenance, relevant}, {export.LatestProvenance, latest}} {
 		t.Run(tc.mode, func(t *testing.T) {
 			req := systemReq()
-			req.Level, req.Patients, req.Types, req.TypesGiven = kiln.LevelPatient, chosen, []string{"Observation", "Procedure"}, true
+			req.Level, req.Patients, req.Types = kiln.LevelPatient, chosen, []string{"Observation", "Procedure"}
 			req.IncludeAssociatedData = []string{tc.mode}
 			job, out := r.exported(t, req)
 			var exported []string
@@ -242,7 +242,7 @@ func TestIncludeAssociatedDataOnGeneratedData(t *testing.T) {
 
 	t.Run("without", func(t *testing.T) {
 		req := systemReq()
-		req.Level, req.Patients, req.Types, req.TypesGiven = kiln.LevelPatient, chosen, []string{"Observation"}, true
+		req.Level, req.Patients, req.Types = kiln.LevelPatient, chosen, []string{"Observation"}
 		if _, out := r.exported(t, req); len(out["output/Provenance"]) != 0 {
 			t.Errorf("%d Provenance without includeAssociatedData", len(out["output/Provenance"]))
 		}
@@ -251,7 +251,7 @@ func TestIncludeAssociatedDataOnGeneratedData(t *testing.T) {
 	// _type holds Provenance already: every Provenance once, none added twice.
 	t.Run("typeHasProvenance", func(t *testing.T) {
 		req := systemReq()
-		req.Types, req.TypesGiven = []string{"Observation", "Provenance"}, true
+		req.Types = []string{"Observation", "Provenance"}
 		req.IncludeAssociatedData = []string{export.RelevantProvenance}
 		_, out := r.exported(t, req)
 		var wantAll []string
@@ -269,8 +269,8 @@ func TestIncludeAssociatedDataOnGeneratedData(t *testing.T) {
 	// A token without Provenance in its scopes gets none, and is told.
 	t.Run("scopeWithoutProvenance", func(t *testing.T) {
 		req := systemReq()
-		req.Types, req.TypesGiven = []string{"Observation"}, true
-		req.LimitTypes, req.ReadTypes = true, []string{"Observation"}
+		req.Types = []string{"Observation"}
+		req.ReadTypes = []string{"Observation"}
 		req.IncludeAssociatedData = []string{export.RelevantProvenance}
 		_, out := r.exported(t, req)
 		if len(out["output/Provenance"]) != 0 {
@@ -324,8 +324,8 @@ func TestIncludeAssociatedDataTenantsAndLatest(t *testing.T) {
 		{"b", export.LatestProvenance, []string{"pb-newest"}},
 	} {
 		req := systemReq()
-		req.Types, req.TypesGiven = []string{"Observation"}, true
-		req.LimitTenants, req.Tenants = true, []string{tc.tenant}
+		req.Types = []string{"Observation"}
+		req.Tenants = []string{tc.tenant}
 		req.IncludeAssociatedData = []string{tc.mode}
 		_, out := r.exported(t, req)
 		if got := ids(t, out["output/Observation"]); !slices.Equal(got, []string{tc.tenant + "1"}) {
@@ -404,7 +404,7 @@ func TestIncludeAssociatedDataCompartmentProvenanceOnce(t *testing.T) {
 		}
 	}
 	req := systemReq()
-	req.Types, req.TypesGiven = []string{"Observation", "Provenance"}, true
+	req.Types = []string{"Observation", "Provenance"}
 	req.IncludeAssociatedData = []string{export.RelevantProvenance}
 	job, out := r.exported(t, req)
 	if got := ids(t, out["output/Provenance"]); !slices.Equal(got, []string{"in-comp", "other", "outside"}) {
@@ -434,7 +434,7 @@ func TestIncludeAssociatedDataMemoryBudget(t *testing.T) {
 		r := newRig(t, export.Config{Workers: 2, AssociatedIndexBytes: tc.budget})
 		r.put(t, bodies...)
 		req := systemReq()
-		req.Types, req.TypesGiven = []string{"Observation"}, true
+		req.Types = []string{"Observation"}
 		req.IncludeAssociatedData = []string{export.RelevantProvenance}
 		ctx := context.Background()
 		job, err := r.svc.Start(ctx, req, "t")

@@ -158,8 +158,9 @@ func TestElementsExportSynthea(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := New(db, db, sink, Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	j, err := s.Start(ctx, &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson",
-		Elements: []string{"Observation.code", "Patient.name"}, PatientReferenceBatchSize: 100, FetchResourceBatchSize: 500}, "t")
+	req := NewRequest(kiln.LevelSystem)
+	req.Elements, req.PatientReferenceBatchSize, req.FetchResourceBatchSize = []string{"Observation.code", "Patient.name"}, 100, 500
+	j, err := s.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -238,7 +238,7 @@ func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.Expo
 	if err != nil {
 		return nil, err
 	}
-	if req.LimitTenants {
+	if req.Tenants != nil {
 		// Another tenant's patient "does not exist" either: the answer must
 		// not tell a caller which ids are in use elsewhere.
 		if found, err = s.visible(ctx, "Patient", found, req.Tenants); err != nil {
@@ -303,7 +303,7 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 	if err := json.Unmarshal(g.Body, &group); err != nil {
 		return nil, fmt.Errorf("decode Group/%s: %w", req.GroupID, err)
 	}
-	if req.LimitTenants {
+	if req.Tenants != nil {
 		visible := false
 		for _, sec := range group.Meta.Security {
 			if sec.System == kiln.AccessSystem && slices.Contains(req.Tenants, sec.Code) {
@@ -350,7 +350,7 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 	req := &job.Request
 	d := fhir.R4()
 	types := present
-	if req.TypesGiven || len(req.Types) > 0 {
+	if req.TypesAsked() {
 		types = nil
 		for _, t := range req.Types {
 			if slices.Contains(present, t) {
@@ -358,10 +358,10 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 			}
 		}
 	}
-	if req.LimitTypes {
+	if req.ReadTypes != nil {
 		n := len(types)
-		types = slices.DeleteFunc(slices.Clone(types), func(t string) bool { return !slices.Contains(req.ReadTypes, t) })
-		if !req.TypesGiven && len(types) < n {
+		types = slices.DeleteFunc(slices.Clone(types), func(t string) bool { return !req.Reads(t) })
+		if !req.TypesAsked() && len(types) < n {
 			// Named _type entries the token cannot read are reported one by
 			// one at kick-off; here the client asked for everything, so say
 			// that the scopes cut it down (without naming what it may not see).
@@ -430,12 +430,10 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 	}
 	if req.Since != nil {
 		dt := exported
-		if len(req.Types) > 0 {
+		if req.TypesAsked() {
 			dt = req.Types
 		}
-		if req.LimitTypes {
-			dt = slices.DeleteFunc(slices.Clone(dt), func(t string) bool { return !slices.Contains(req.ReadTypes, t) })
-		}
+		dt = slices.DeleteFunc(slices.Clone(dt), func(t string) bool { return !req.Reads(t) })
 		if len(dt) > 0 {
 			add(kiln.Unit{Kind: kiln.UnitDeleted, Types: dt})
 		}

@@ -130,7 +130,9 @@ func (r *rig) run(t *testing.T, req *kiln.ExportRequest) (int64, uint64) {
 }
 
 func systemReq() *kiln.ExportRequest {
-	return &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson", PatientReferenceBatchSize: 100, FetchResourceBatchSize: 1000}
+	r := export.NewRequest(kiln.LevelSystem)
+	r.PatientReferenceBatchSize = 100
+	return r
 }
 
 // TestMemoryBoundedByBatchNotData: the heap an export needs depends on the

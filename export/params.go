@@ -63,6 +63,19 @@ var paramNames = map[string]string{
 	"limitsMemory": "limitsMemory", "ram": "ram", "ttlSecondsAfterFinished": "ttlSecondsAfterFinished",
 }
 
+// NewRequest is an export request of level with every default set, as a
+// kick-off without parameters makes it: the one place defaults are chosen.
+func NewRequest(level string) *kiln.ExportRequest {
+	return &kiln.ExportRequest{
+		ExportAsk: kiln.ExportAsk{Level: level, OutputFormat: "application/fhir+ndjson"},
+		JobHints: kiln.JobHints{
+			PatientReferenceBatchSize: DefaultPatientBatch,
+			FetchResourceBatchSize:    DefaultFetchBatch,
+			UploadPartSize:            DefaultPartSize,
+		},
+	}
+}
+
 // ParseKickOff validates a kick-off and returns the export request. Every
 // mistake is an EINVALID *kiln.Error naming the parameter; under
 // Prefer: handling=lenient, unsupported parameters and values become
@@ -75,16 +88,8 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 	if err != nil {
 		return nil, err
 	}
-	req := &kiln.ExportRequest{
-		Level:                     k.Level,
-		GroupID:                   k.GroupID,
-		RequestURL:                k.URL,
-		OutputFormat:              "application/fhir+ndjson",
-		PatientReferenceBatchSize: DefaultPatientBatch,
-		FetchResourceBatchSize:    DefaultFetchBatch,
-		UploadPartSize:            DefaultPartSize,
-		Lenient:                   k.Lenient(),
-	}
+	req := NewRequest(k.Level)
+	req.GroupID, req.RequestURL, req.Lenient = k.GroupID, k.URL, k.Lenient()
 	p := parser{req: req}
 	names := make([]string, 0, len(params))
 	for n := range params {
@@ -100,7 +105,7 @@ func ParseKickOff(k KickOff) (*kiln.ExportRequest, error) {
 		}
 		p.param(name, raw, vals)
 	}
-	if req.TypesGiven {
+	if req.TypesAsked() {
 		// A filter on a type the export leaves out cannot be honoured: under
 		// lenient handling it is dropped with a warning.
 		for _, typ := range slices.Sorted(maps.Keys(req.TypeFilters)) {
@@ -384,7 +389,9 @@ func (p *parser) param(name, raw string, vals []string) {
 			r.Until = &at
 		}
 	case "_type":
-		r.TypesGiven = true
+		if r.Types == nil {
+			r.Types = []string{} // asked, even if no type of it is left
+		}
 		seen := map[string]bool{}
 		for _, t := range split(vals) {
 			if !fhir.R4().IsResourceType(t) {

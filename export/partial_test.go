@@ -48,8 +48,9 @@ func TestPartialManifestPages(t *testing.T) {
 	if _, err := db.Write(ctx, ws); err != nil {
 		t.Fatal(err)
 	}
-	j, err := s.Start(ctx, &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson",
-		PatientReferenceBatchSize: 10, FetchResourceBatchSize: 2, AllowPartialManifests: true}, "t")
+	req := NewRequest(kiln.LevelSystem)
+	req.PatientReferenceBatchSize, req.FetchResourceBatchSize, req.AllowPartialManifests = 10, 2, true
+	j, err := s.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -63,8 +63,9 @@ func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
 	// worker does not know its claim is gone, as in the issue.
 	cfg := Config{Lease: time.Hour, Workers: 1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	owner := New(db, db, sink, cfg)
-	job, err := owner.Start(ctx, &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson",
-		PatientReferenceBatchSize: 100, FetchResourceBatchSize: 1000}, "t")
+	req := NewRequest(kiln.LevelSystem)
+	req.PatientReferenceBatchSize = 100
+	job, err := owner.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)
 	}

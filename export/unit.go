@@ -132,7 +132,7 @@ func blockHeader(patient string) []byte {
 // resources that reference the patients themselves are the patients' data,
 // not those the patients' other resources happen to reference.
 func asksCompartment(req *kiln.ExportRequest) bool {
-	if !req.TypesGiven {
+	if !req.TypesAsked() {
 		return true
 	}
 	return slices.ContainsFunc(req.Types, fhir.R4().InCompartment)
@@ -154,7 +154,7 @@ func (s *Service) referencesPatient(typ string, body []byte) (bool, error) {
 func baseQuery(job *kiln.Job) kiln.ScanQuery {
 	req := &job.Request
 	q := kiln.ScanQuery{Snapshot: job.TransactionTime, Batch: req.FetchResourceBatchSize}
-	if req.LimitTenants {
+	if req.Tenants != nil {
 		q.AccessCodes = append([]string{}, req.Tenants...)
 	}
 	if req.Since != nil {

@@ -231,7 +231,7 @@ func (s *Server) forgetPolls(job string) {
 // are limited to its access/ codes. The job keeps these for its whole run.
 func applyScopes(p *auth.Principal, req *kiln.ExportRequest) {
 	if !p.Read["*"] {
-		req.LimitTypes = true
+		req.ReadTypes = []string{} // a limit, even if it reads no type
 		for t := range p.Read {
 			req.ReadTypes = append(req.ReadTypes, t)
 		}
@@ -254,7 +254,7 @@ func applyScopes(p *auth.Principal, req *kiln.ExportRequest) {
 		req.Types = kept
 	}
 	if codes := p.AccessCodes(); codes != nil {
-		req.LimitTenants, req.Tenants = true, codes
+		req.Tenants = codes
 	}
 }
 

@@ -95,11 +95,11 @@ func TestJobSpecPodParameters(t *testing.T) {
 		ttl          int32
 		loglevel     string
 	}{
-		{kiln.ExportRequest{RequestsMemory: "2Gi", LimitsMemory: "4G"}, "2Gi", "4G", 60, ""},
-		{kiln.ExportRequest{RAM: "3"}, "3G", "8G", 60, ""},
-		{kiln.ExportRequest{RAM: "1", RequestsMemory: "512M"}, "512M", "8G", 60, ""},
-		{kiln.ExportRequest{RequestsMemory: "16G"}, "16G", "16G", 60, ""},
-		{kiln.ExportRequest{TTLSecondsAfterFinished: &ttl, LogLevel: "debug"}, "2G", "8G", 30, "debug"},
+		{kiln.ExportRequest{JobHints: kiln.JobHints{RequestsMemory: "2Gi", LimitsMemory: "4G"}}, "2Gi", "4G", 60, ""},
+		{kiln.ExportRequest{JobHints: kiln.JobHints{RAM: "3"}}, "3G", "8G", 60, ""},
+		{kiln.ExportRequest{JobHints: kiln.JobHints{RAM: "1", RequestsMemory: "512M"}}, "512M", "8G", 60, ""},
+		{kiln.ExportRequest{JobHints: kiln.JobHints{RequestsMemory: "16G"}}, "16G", "16G", 60, ""},
+		{kiln.ExportRequest{JobHints: kiln.JobHints{TTLSecondsAfterFinished: &ttl, LogLevel: "debug"}}, "2G", "8G", 30, "debug"},
 	}
 	for i, c := range cases {
 		spec, err := l.JobSpec(&kiln.Job{ID: "j", Launches: 1, Request: c.req})
@@ -156,7 +156,9 @@ func newRig(t *testing.T, maxLaunches int) *rig {
 
 func (r *rig) start(t *testing.T) *kiln.Job {
 	t.Helper()
-	j, err := r.svc.Start(context.Background(), &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson", PatientReferenceBatchSize: 10, FetchResourceBatchSize: 10}, "t")
+	req := export.NewRequest(kiln.LevelSystem)
+	req.PatientReferenceBatchSize, req.FetchResourceBatchSize = 10, 10
+	j, err := r.svc.Start(context.Background(), req, "t")
 	if err != nil {
 		t.Fatal(err)
 	}

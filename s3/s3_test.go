@@ -199,7 +199,8 @@ func (r *exportRig) run(t *testing.T, partSize int64) *kiln.Job {
 	wg.Add(1)
 	go func() { defer wg.Done(); r.svc.Run(runCtx) }()
 	defer func() { cancel(); wg.Wait() }()
-	req := &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson", PatientReferenceBatchSize: 250, FetchResourceBatchSize: 1000, UploadPartSize: partSize}
+	req := export.NewRequest(kiln.LevelSystem)
+	req.UploadPartSize = partSize
 	job, err := r.svc.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)

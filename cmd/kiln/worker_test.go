@@ -65,7 +65,9 @@ func TestWorkersShareOneExport(t *testing.T) {
 	data := filepath.Join(dir, "data")
 	sink, _ := localfs.New(filepath.Join(data, "exports"))
 	svc := export.New(db, db, sink, export.Config{UnitSize: 500, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	job, err := svc.Start(ctx, &kiln.ExportRequest{Level: kiln.LevelSystem, OutputFormat: "application/fhir+ndjson", PatientReferenceBatchSize: 10, FetchResourceBatchSize: 5}, "t")
+	req := export.NewRequest(kiln.LevelSystem)
+	req.PatientReferenceBatchSize, req.FetchResourceBatchSize = 10, 5
+	job, err := svc.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)
 	}
