@@ -174,6 +174,7 @@ func TestSinceTransactionTime(t *testing.T) {
 		want  []string
 	}{
 		{"_since=" + url.QueryEscape(m.TransactionTime), []string{"Observation/o-after"}},
+		{"_since=2025-03-01T10:00:00Z", []string{"Observation/o-after"}}, // T at second precision
 		{"_since=2025-03-01T09:00:00Z&_until=" + url.QueryEscape(m.TransactionTime), []string{"Observation/o-at-t", "Patient/p"}},
 	} {
 		for _, level := range []string{"/$export", "/Patient/$export"} {
