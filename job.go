@@ -281,10 +281,44 @@ type URLSink interface {
 	URL(ctx context.Context, job, name string) (string, error)
 }
 
+// JobLimits caps unfinished (accepted or in-progress) jobs: all of them,
+// and one owner's. Zero is no limit.
+type JobLimits struct {
+	All, PerOwner int
+}
+
+// LimitError says which job limit a new job would pass.
+type LimitError struct {
+	PerOwner bool // the owner's limit, else the store-wide one
+	Running  int  // unfinished jobs counted against it
+}
+
+func (e *LimitError) Error() string {
+	if e.PerOwner {
+		return fmt.Sprintf("%d unfinished exports of this client, its limit", e.Running)
+	}
+	return fmt.Sprintf("%d unfinished exports, the server's limit", e.Running)
+}
+
+// Check returns the *LimitError for a new job of an owner with all and
+// mine unfinished jobs already, or nil.
+func (l JobLimits) Check(all, mine int) error {
+	if l.All > 0 && all >= l.All {
+		return &LimitError{Running: all}
+	}
+	if l.PerOwner > 0 && mine >= l.PerOwner {
+		return &LimitError{PerOwner: true, Running: mine}
+	}
+	return nil
+}
+
 // JobStore keeps export jobs and their work units.
 type JobStore interface {
-	// CreateJob stores a new job with its patients (ordered) and units.
-	CreateJob(ctx context.Context, j *Job, units []Unit) error
+	// CreateJob stores a new job and its units, unless that would take the
+	// unfinished jobs past lim: then it stores nothing and returns a
+	// *LimitError. The check and the insert are one transaction, so that
+	// concurrent kick-offs (in any process) cannot overshoot a limit.
+	CreateJob(ctx context.Context, j *Job, units []Unit, lim JobLimits) error
 	// SetPatients records the job's patients in order; ordinals start at 0.
 	SetPatients(ctx context.Context, job string, ids []string) error
 	GetJob(ctx context.Context, id string) (*Job, error)

@@ -151,18 +151,27 @@ func New(store Store, jobs kiln.JobStore, sink kiln.Sink, cfg Config) *Service {
 // Config returns the effective configuration.
 func (s *Service) Config() Config { return s.cfg }
 
+// throttled is the 429 for a job limit.
+func throttled(le *kiln.LimitError) error {
+	msg := fmt.Sprintf("the server is running %d exports, its limit; try again later", le.Running)
+	if le.PerOwner {
+		msg = fmt.Sprintf("you have %d exports running, the limit per client; wait for one to finish or cancel it", le.Running)
+	}
+	return &kiln.Error{Code: kiln.ETHROTTLED, Message: msg, RetryAfter: 30}
+}
+
 // Start validates what needs the store (patients, Group), plans the job and
 // stores it as accepted. Workers pick it up.
 func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner string) (*kiln.Job, error) {
+	// A first check spares the planning of an export that cannot start;
+	// CreateJob checks again, with the insert, and that one is binding.
 	all, mine, err := s.jobs.Running(ctx, owner)
 	if err != nil {
 		return nil, err
 	}
-	if all >= s.cfg.MaxActiveJobs {
-		return nil, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("the server is running %d exports, its limit; try again later", all), RetryAfter: 30}
-	}
-	if mine >= s.cfg.MaxActiveJobsPerOwner {
-		return nil, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("you have %d exports running, the limit per client; wait for one to finish or cancel it", mine), RetryAfter: 30}
+	lim := kiln.JobLimits{All: s.cfg.MaxActiveJobs, PerOwner: s.cfg.MaxActiveJobsPerOwner}
+	if err := lim.Check(all, mine); err != nil {
+		return nil, throttled(err.(*kiln.LimitError))
 	}
 	snap, err := s.store.SnapshotTime(ctx)
 	if err != nil {
@@ -204,7 +213,17 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 			return nil, err
 		}
 	}
-	if err := s.jobs.CreateJob(ctx, job, units); err != nil {
+	if err := s.jobs.CreateJob(ctx, job, units, lim); err != nil {
+		var le *kiln.LimitError
+		if errors.As(err, &le) {
+			// Another kick-off took the last place since the first check.
+			if req.Level != kiln.LevelSystem {
+				if derr := s.jobs.DeleteJob(ctx, job.ID); derr != nil {
+					s.log.Warn("remove the patients of a refused export", "job", job.ID, "err", derr)
+				}
+			}
+			return nil, throttled(le)
+		}
 		return nil, err
 	}
 	s.log.Info("export accepted", "job", job.ID, "level", req.Level, "owner", owner, "units", len(units), "patients", len(patients), "transactionTime", fhir.FormatInstant(snap))

@@ -175,7 +175,7 @@ func TestCancelReachesUnitsElsewhere(t *testing.T) {
 	t.Cleanup(func() { db.Close() })
 	now := time.Now().UTC()
 	if err := db.CreateJob(ctx, &kiln.Job{ID: "j", Owner: "me", State: kiln.JobInProgress, Created: now, Updated: now},
-		[]kiln.Unit{{Job: "j", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}); err != nil {
+		[]kiln.Unit{{Job: "j", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}, kiln.JobLimits{}); err != nil {
 		t.Fatal(err)
 	}
 	u, err := db.ClaimUnit(ctx, time.Minute)

@@ -18,12 +18,27 @@ const (
 )
 
 // CreateJob implements kiln.JobStore.
-func (db *DB) CreateJob(ctx context.Context, j *kiln.Job, units []kiln.Unit) error {
+func (db *DB) CreateJob(ctx context.Context, j *kiln.Job, units []kiln.Unit, lim kiln.JobLimits) error {
 	doc, err := json.Marshal(j)
 	if err != nil {
 		return fmt.Errorf("encode job: %w", err)
 	}
 	return db.inTx(ctx, func(tx pgx.Tx) error {
+		if lim != (kiln.JobLimits{}) {
+			// Kick-offs with limits, from every process, queue on one
+			// transaction-scoped lock, so a count holds until its insert commits.
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('kiln.job-limits'))`); err != nil {
+				return fmt.Errorf("postgres: job limits lock: %w", err)
+			}
+			var all, mine int
+			if err := tx.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE owner=$1) FROM jobs WHERE state IN ($2, $3)`,
+				j.Owner, string(kiln.JobAccepted), string(kiln.JobInProgress)).Scan(&all, &mine); err != nil {
+				return fmt.Errorf("postgres: count unfinished jobs: %w", err)
+			}
+			if err := lim.Check(all, mine); err != nil {
+				return err
+			}
+		}
 		if _, err := tx.Exec(ctx, `INSERT INTO jobs(id, owner, state, created, updated, doc) VALUES($1, $2, $3, $4, $5, $6)`,
 			j.ID, j.Owner, string(j.State), ms(j.Created), ms(j.Updated), doc); err != nil {
 			return fmt.Errorf("postgres: insert job: %w", err)

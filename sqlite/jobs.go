@@ -19,12 +19,22 @@ const (
 )
 
 // CreateJob implements kiln.JobStore.
-func (db *DB) CreateJob(ctx context.Context, j *kiln.Job, units []kiln.Unit) error {
+func (db *DB) CreateJob(ctx context.Context, j *kiln.Job, units []kiln.Unit, lim kiln.JobLimits) error {
 	doc, err := json.Marshal(j)
 	if err != nil {
 		return fmt.Errorf("encode job: %w", err)
 	}
 	return db.inTx(ctx, func(tx *sql.Tx) error {
+		// Transactions on the one write connection run one at a time, so
+		// the count holds until the insert commits.
+		var all, mine int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*), coalesce(sum(owner=?), 0) FROM jobs WHERE state IN (?, ?)`,
+			j.Owner, string(kiln.JobAccepted), string(kiln.JobInProgress)).Scan(&all, &mine); err != nil {
+			return fmt.Errorf("count unfinished jobs: %w", err)
+		}
+		if err := lim.Check(all, mine); err != nil {
+			return err
+		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO jobs(id, owner, state, created, updated, doc) VALUES(?, ?, ?, ?, ?, ?)`,
 			j.ID, j.Owner, string(j.State), ms(j.Created), ms(j.Updated), doc); err != nil {
 			return fmt.Errorf("insert job: %w", err)

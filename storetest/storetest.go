@@ -5,10 +5,12 @@ package storetest
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -43,6 +45,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"SplitTypeCoversAll", testSplit},
 		{"DeletionsInWindow", testDeletions},
 		{"JobUnitsClaimedOnce", testUnits},
+		{"JobLimitsHoldUnderConcurrency", testJobLimits},
 		{"AssertionsUsedOnce", testAssertions},
 	}
 	for _, tt := range tests {
@@ -457,7 +460,7 @@ func testUnits(t *testing.T, s Store) {
 	now := time.Now().UTC()
 	job := &kiln.Job{ID: "j1", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
 	units := []kiln.Unit{{Job: "j1", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}, {Job: "j1", Seq: 1, Kind: kiln.UnitType, Type: "Observation"}}
-	if err := s.CreateJob(ctx, job, units); err != nil {
+	if err := s.CreateJob(ctx, job, units, kiln.JobLimits{}); err != nil {
 		t.Fatal(err)
 	}
 	u1, err := s.ClaimUnit(ctx, time.Minute)
@@ -519,7 +522,7 @@ func testUnits(t *testing.T, s Store) {
 	}
 	// A lease that runs out hands the unit back.
 	job2 := &kiln.Job{ID: "j2", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}
-	if err := s.CreateJob(ctx, job2, []kiln.Unit{{Job: "j2", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}); err != nil {
+	if err := s.CreateJob(ctx, job2, []kiln.Unit{{Job: "j2", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}, kiln.JobLimits{}); err != nil {
 		t.Fatal(err)
 	}
 	u5, _ := s.ClaimUnit(ctx, -time.Second)
@@ -561,5 +564,59 @@ func testAssertions(t *testing.T, s Store) {
 		if err != nil || fresh != c.fresh {
 			t.Fatalf("use %d (%q): fresh %v %v, want %v", i+1, c.key, fresh, err, c.fresh)
 		}
+	}
+}
+
+// testJobLimits (issue 16, finding 5): kick-offs racing each other cannot
+// pass a limit: of ten concurrent jobs of one owner against a per-owner
+// limit of 3, exactly three are stored; the store-wide limit then leaves
+// room for exactly two of another owner; finished jobs do not count.
+func testJobLimits(t *testing.T, s Store) {
+	ctx := context.Background()
+	lim := kiln.JobLimits{All: 5, PerOwner: 3}
+	race := func(owner string, n int) (stored []string) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make([]error, n)
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				now := time.Now().UTC()
+				j := &kiln.Job{ID: fmt.Sprintf("%s-%d", owner, i), Owner: owner, State: kiln.JobAccepted, Created: now, Updated: now}
+				errs[i] = s.CreateJob(ctx, j, []kiln.Unit{{Job: j.ID, Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}, lim)
+			}()
+		}
+		wg.Wait()
+		for i, err := range errs {
+			var le *kiln.LimitError
+			switch {
+			case err == nil:
+				stored = append(stored, fmt.Sprintf("%s-%d", owner, i))
+			case !errors.As(err, &le):
+				t.Fatalf("CreateJob: %v", err)
+			}
+		}
+		return stored
+	}
+	a := race("a", 10)
+	if len(a) != 3 {
+		t.Fatalf("owner a: %d of 10 concurrent jobs stored, per-owner limit 3", len(a))
+	}
+	if b := race("b", 10); len(b) != 2 {
+		t.Fatalf("owner b: %d of 10 concurrent jobs stored with 3 of 5 places taken", len(b))
+	}
+	all, mine, err := s.Running(ctx, "a")
+	if err != nil || all != 5 || mine != 3 {
+		t.Fatalf("running: %d, %d of a, %v", all, mine, err)
+	}
+	if _, err := s.UpdateJob(ctx, a[0], func(j *kiln.Job) error { j.State = kiln.JobCompleted; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if c := race("c", 3); len(c) != 1 {
+		t.Fatalf("owner c: %d stored after a job finished, want 1", len(c))
+	}
+	if err := s.CreateJob(ctx, &kiln.Job{ID: "unlimited", Owner: "a", State: kiln.JobAccepted}, nil, kiln.JobLimits{}); err != nil {
+		t.Fatalf("no limits: %v", err)
 	}
 }
