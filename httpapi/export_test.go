@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -804,5 +805,41 @@ func TestGroupPatientNotMember(t *testing.T) {
 		if !strings.Contains(text, "Patient/"+id+" is not an active member of Group/g; skipped") {
 			t.Errorf("lenient: error file does not name Patient/%s: %s", id, text)
 		}
+	}
+}
+
+// TestConcurrentKickOffsKeepLimits (issue 16, finding 5): ten kick-offs of
+// one client at once against a per-client limit of 3 give exactly three
+// exports and seven 429s with Retry-After.
+func TestConcurrentKickOffsKeepLimits(t *testing.T) {
+	e := newEnv(t, envOpts{noWorkers: true, exportCfg: export.Config{MaxActiveJobs: 5, MaxActiveJobsPerOwner: 3}})
+	put(t, e, `{"resourceType":"Patient","id":"a"}`)
+	codes := make([]int, 10)
+	var wg sync.WaitGroup
+	for i := range codes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest("GET", e.base+"/$export", nil)
+			req.Header.Set("Prefer", "respond-async")
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			res.Body.Close()
+			if res.StatusCode == 429 && res.Header.Get("Retry-After") == "" {
+				t.Error("429 without Retry-After")
+			}
+			codes[i] = res.StatusCode
+		}()
+	}
+	wg.Wait()
+	n := map[int]int{}
+	for _, c := range codes {
+		n[c]++
+	}
+	if n[202] != 3 || n[429] != 7 {
+		t.Fatalf("10 concurrent kick-offs with a per-client limit of 3: %v", n)
 	}
 }
