@@ -47,7 +47,27 @@ func (f *launcherFlags) register(fs *flag.FlagSet) {
 }
 
 // launcher builds the configured Launcher (nil for inprocess).
+// reachable refuses a launcher whose workers could not reach the data: they
+// are other processes, which share the export through the store (only
+// PostgreSQL is shared: SQLite is one process's embedded database) and,
+// in pods, write its files to a sink they can reach (S3, not a local folder).
+func (f *launcherFlags) reachable(store *storeFlags, sink *sinkFlags) error {
+	if f.kind != "process" && f.kind != "kubernetes" {
+		return nil
+	}
+	if store.kind != "postgres" {
+		return fmt.Errorf("--launcher %s needs --store postgres: its workers are other processes, and an embedded SQLite store is this process's alone", f.kind)
+	}
+	if f.kind == "kubernetes" && sink.kind != "s3" {
+		return fmt.Errorf("--launcher kubernetes needs --sink s3: the Job's pods cannot write to this machine's folder")
+	}
+	return nil
+}
+
 func (f *launcherFlags) launcher(store *storeFlags, sink *sinkFlags, log *slog.Logger) (kiln.Launcher, error) {
+	if err := f.reachable(store, sink); err != nil {
+		return nil, err
+	}
 	switch f.kind {
 	case "inprocess":
 		return nil, nil

@@ -82,3 +82,31 @@ func countOutput(m *manifest) int {
 	}
 	return n
 }
+
+// TestRefusesUnreachableWorkers (issue 16, finding 6): a launcher whose
+// workers are other processes is refused at start unless they can reach the
+// store (PostgreSQL) and, for pods, the sink (S3); so is kiln worker on SQLite.
+func TestRefusesUnreachableWorkers(t *testing.T) {
+	for _, args := range [][]string{
+		{"serve", "--addr", "127.0.0.1:0", "--data", t.TempDir(), "--launcher", "kubernetes", "--k8s-image", "kiln:test"},
+		{"serve", "--addr", "127.0.0.1:0", "--data", t.TempDir(), "--launcher", "process"},
+		{"worker", "--data", t.TempDir()},
+	} {
+		if code, _, errOut := runCLI(t, args...); code != 1 || !strings.Contains(errOut, "needs --store postgres") {
+			t.Errorf("%v: %d %q", args, code, errOut)
+		}
+	}
+	pg := storeFlags{kind: "postgres"}
+	for _, tc := range []struct {
+		launcher, sink string
+		refused        bool
+	}{
+		{"kubernetes", "local", true}, {"kubernetes", "s3", false}, {"process", "local", false}, {"inprocess", "local", false},
+	} {
+		f := launcherFlags{kind: tc.launcher}
+		err := f.reachable(&pg, &sinkFlags{kind: tc.sink})
+		if (err != nil) != tc.refused || tc.refused && !strings.Contains(err.Error(), "needs --sink s3") {
+			t.Errorf("--launcher %s --sink %s: %v", tc.launcher, tc.sink, err)
+		}
+	}
+}

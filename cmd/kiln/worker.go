@@ -39,6 +39,11 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	if sf.kind != "postgres" {
+		// A worker shares exports with a server and other workers through
+		// the store; the embedded SQLite store is one process's alone.
+		return fmt.Errorf("kiln worker needs --store postgres (with --store %s it could not share an export with anyone)", sf.kind)
+	}
 	db, closer, err := sf.open(ctx)
 	if err != nil {
 		return err
