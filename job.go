@@ -166,6 +166,23 @@ type Job struct {
 	Launches int `json:"launches,omitempty"`
 	// LaunchPending is true while the job waits to be launched (or relaunched).
 	LaunchPending bool `json:"launchPending,omitempty"`
+	// Settings are the kick-off server's settings the job runs with.
+	Settings JobSettings `json:"settings,omitzero"`
+}
+
+// JobSettings are the server settings an export runs with, fixed at
+// kick-off and stored with the job, so that whichever process runs a unit
+// or finishes the job — a kiln worker with its own flags, say — does it as
+// the server that accepted it would have.
+type JobSettings struct {
+	// MaxFileResources and MaxFileBytes are the file limits.
+	MaxFileResources int64 `json:"maxFileResources,omitempty"`
+	MaxFileBytes     int64 `json:"maxFileBytes,omitempty"`
+	// Retention is how long the finished job's files are kept.
+	Retention time.Duration `json:"retention,omitempty"`
+	// Bases are the server's own base URLs: absolute references under them
+	// are to this server's resources.
+	Bases []string `json:"bases,omitempty"`
 }
 
 // File is one file of a manifest: consecutive parts of one type, served as one.

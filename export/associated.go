@@ -96,6 +96,7 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 	// _until window picks the targets, not their Provenance.
 	pq := baseQuery(job)
 	pq.Type, pq.Since, pq.Until = "Provenance", time.Time{}, time.Time{}
+	refOpts := s.refs(job)
 	var provs []provenance
 	byID := map[string]int32{}
 	targets := targetIndex{one: map[string]int32{}, more: map[string][]int32{}}
@@ -124,7 +125,7 @@ func (s *Service) associated(ctx context.Context, job *kiln.Job, u *kiln.Unit, w
 		byID[p.ID] = i
 		held += int64(2*len(p.ID)) + 2*perEntry
 		for _, t := range p.Target {
-			ref, ok := fhir.ParseReference(t.Reference, s.cfg.Ref)
+			ref, ok := fhir.ParseReference(t.Reference, refOpts)
 			if !ok || !slices.Contains(u.Types, ref.Type) {
 				continue
 			}

@@ -200,6 +200,8 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 		TransactionTime: snap,
 		Created:         s.cfg.Now().UTC(),
 		Patients:        len(patients),
+		Settings: kiln.JobSettings{MaxFileResources: s.cfg.MaxFileResources, MaxFileBytes: s.cfg.MaxFileBytes,
+			Retention: s.cfg.Retention, Bases: s.cfg.Ref.Bases},
 	}
 	job.Updated = job.Created
 	units, err := s.plan(ctx, job, present, len(patients))
@@ -930,7 +932,7 @@ func (s *Service) failJob(id string, u *kiln.Unit, cause error) {
 		}
 		j.State = kiln.JobFailed
 		j.Error = msg
-		j.Expires = s.cfg.Now().Add(s.cfg.Retention).UTC()
+		j.Expires = s.cfg.Now().Add(s.settings(j).Retention).UTC()
 		return nil
 	})
 	if err != nil {
@@ -952,13 +954,44 @@ func shortErr(err error) string {
 	return msg
 }
 
+// settings are the job's stored settings; a job stored before they were
+// kept gets this process's for what it lacks.
+func (s *Service) settings(j *kiln.Job) kiln.JobSettings {
+	set := j.Settings
+	if set.MaxFileResources <= 0 {
+		set.MaxFileResources = s.cfg.MaxFileResources
+	}
+	if set.MaxFileBytes <= 0 {
+		set.MaxFileBytes = s.cfg.MaxFileBytes
+	}
+	if set.Retention <= 0 {
+		set.Retention = s.cfg.Retention
+	}
+	if set.Bases == nil {
+		set.Bases = s.cfg.Ref.Bases
+	}
+	return set
+}
+
+// refs are the reference rules of the job: its server's bases.
+func (s *Service) refs(j *kiln.Job) fhir.Options {
+	opt := s.cfg.Ref
+	opt.Bases = s.settings(j).Bases
+	return opt
+}
+
 // finalize assembles the manifest once every unit is done.
 func (s *Service) finalize(ctx context.Context, id string) error {
 	parts, err := s.jobs.Parts(ctx, id)
 	if err != nil {
 		return err
 	}
-	maxCount, maxBytes := s.cfg.MaxFileResources, s.cfg.MaxFileBytes
+	cur, err := s.jobs.GetJob(ctx, id)
+	if err != nil {
+		return err
+	}
+	set := s.settings(cur)
+	maxCount, maxBytes := set.MaxFileResources, set.MaxFileBytes
 	if _, ok := s.sink.(kiln.URLSink); ok {
 		// Clients fetch from the sink: a file cannot span parts.
 		maxCount, maxBytes = 1, 1
@@ -978,7 +1011,7 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 			j.Files = slices.Concat(j.Pages...)
 		}
 		j.UnitsDone = j.UnitsTotal
-		j.Expires = s.cfg.Now().Add(s.cfg.Retention).UTC()
+		j.Expires = s.cfg.Now().Add(set.Retention).UTC()
 		return nil
 	})
 	if errors.Is(err, errJobGone) {

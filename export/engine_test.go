@@ -180,3 +180,53 @@ func TestMemoryBoundedByBatchNotData(t *testing.T) {
 		t.Errorf("heap grew with the data: %d MB for 20k, %d MB for 200k", heap1>>20, heap2>>20)
 	}
 }
+
+// TestJobSettingsTravelWithTheJob (issue 16, finding 1): the file limits,
+// retention and base URLs of the server that accepted an export are the
+// job's, whatever process runs its units and finishes it: a worker with the
+// defaults (1,000,000 resources a file, 24 h) finishing a job accepted with
+// 2 resources a file and 1 h gives 3 files kept 1 h.
+func TestJobSettingsTravelWithTheJob(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := sqlite.Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	sink, err := localfs.New(filepath.Join(dir, "exports"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	clock := func() time.Time { return now }
+	server := export.New(db, db, sink, export.Config{Logger: log, MaxFileResources: 2, Retention: time.Hour, Now: clock,
+		Ref: fhir.Options{Bases: []string{"https://kiln.example/fhir"}}})
+	worker := export.New(db, db, sink, export.Config{Logger: log, Now: clock})
+	r := &rig{db: db}
+	r.put(t, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`, `{"resourceType":"Patient","id":"c"}`,
+		`{"resourceType":"Patient","id":"d"}`, `{"resourceType":"Patient","id":"e"}`)
+	job, err := server.Start(ctx, systemReq(), "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); worker.Run(wctx) }()
+	t.Cleanup(func() { stop(); <-done })
+	for deadline := time.Now().Add(time.Minute); job.State != kiln.JobCompleted; time.Sleep(5 * time.Millisecond) {
+		if job.State == kiln.JobFailed || time.Now().After(deadline) {
+			t.Fatalf("export %s: %s", job.State, job.Error)
+		}
+		if job, err = worker.Job(ctx, job.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(job.Files) != 3 || !job.Expires.Equal(now.Add(time.Hour)) {
+		t.Errorf("finished by a worker with default flags: %d files, expires %s; want 3 files of at most 2, expiring %s", len(job.Files), job.Expires, now.Add(time.Hour))
+	}
+	if got := job.Settings.Bases; len(got) != 1 || got[0] != "https://kiln.example/fhir" {
+		t.Errorf("job bases %v", got)
+	}
+}

@@ -16,7 +16,7 @@ import (
 func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
 	req := &job.Request
 	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
-		maxCount: s.cfg.MaxFileResources, maxBytes: s.cfg.MaxFileBytes, open: map[string]*openPart{}}
+		maxCount: s.settings(job).MaxFileResources, maxBytes: s.settings(job).MaxFileBytes, open: map[string]*openPart{}}
 	q := baseQuery(job)
 	// scanTo streams what the export keeps of one scan to emit.
 	scanTo := func(q kiln.ScanQuery, emit func([]byte) error) error {
@@ -24,7 +24,7 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		direct := q.Supporting && !asksCompartment(req)
 		return s.selection(ctx, req, q, func(body []byte) error {
 			if direct {
-				if ok, err := s.referencesPatient(q.Type, body); err != nil || !ok {
+				if ok, err := referencesPatient(q.Type, body, s.refs(job)); err != nil || !ok {
 					return err
 				}
 			}
@@ -140,13 +140,13 @@ func asksCompartment(req *kiln.ExportRequest) bool {
 
 // referencesPatient reports whether a stored resource outside the
 // compartment references a patient (Device.patient, say).
-func (s *Service) referencesPatient(typ string, body []byte) (bool, error) {
+func referencesPatient(typ string, body []byte, opt fhir.Options) (bool, error) {
 	m, err := fhir.DecodeJSON(body)
 	if err != nil {
 		return false, fmt.Errorf("decode stored resource: %w", err)
 	}
 	id, _ := m["id"].(string)
-	return len(fhir.Extract(typ, id, m, s.cfg.Ref).PatientRefs) > 0, nil
+	return len(fhir.Extract(typ, id, m, opt).PatientRefs) > 0, nil
 }
 
 // baseQuery is the part of every scan of job that the job fixes: its
