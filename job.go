@@ -298,6 +298,17 @@ type URLSink interface {
 	URL(ctx context.Context, job, name string) (string, error)
 }
 
+// Elector elects, among the processes sharing a store, the one that does a
+// maintenance role (the export coordinator). A store without it is one
+// process's alone, which then always leads.
+type Elector interface {
+	// Lead takes or keeps the leadership of name for holder for ttl from
+	// now (on the store's clock) and reports whether holder leads.
+	Lead(ctx context.Context, name, holder string, ttl time.Duration) (bool, error)
+	// Resign gives the leadership of name up, if holder has it.
+	Resign(ctx context.Context, name, holder string) error
+}
+
 // JobLimits caps unfinished (accepted or in-progress) jobs: all of them,
 // and one owner's. Zero is no limit.
 type JobLimits struct {

@@ -61,6 +61,10 @@ type Config struct {
 	// RelaunchEvery is how often pending launches are retried (default 10 s).
 	MaxLaunches   int
 	RelaunchEvery time.Duration
+	// LeaderLease is how long the coordinator's leadership lasts without
+	// renewal (15 s): when the leading process dies, another API server
+	// takes maintenance over within it. Only stores with kiln.Elector elect.
+	LeaderLease time.Duration
 	// Ref says which absolute references are this server's (for Group members).
 	Ref    fhir.Options
 	Logger *slog.Logger
@@ -112,6 +116,9 @@ func (c *Config) defaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.LeaderLease <= 0 {
+		c.LeaderLease = 15 * time.Second
+	}
 }
 
 // Service runs exports.
@@ -132,6 +139,11 @@ type Service struct {
 	// unitsDone is signalled whenever a unit stops running.
 	unitsDone *sync.Cond
 	wake      chan struct{}
+	// holder names this process in leader elections; leading is true while
+	// it coordinates; maintained counts its maintenance passes.
+	holder     string
+	leading    atomic.Bool
+	maintained atomic.Int64
 	// finished counts the units this service has run to the end.
 	finished atomic.Int64
 }
@@ -143,7 +155,7 @@ func (s *Service) UnitsFinished() int64 { return s.finished.Load() }
 func New(store Store, jobs kiln.JobStore, sink kiln.Sink, cfg Config) *Service {
 	cfg.defaults()
 	s := &Service{store: store, jobs: jobs, sink: sink, cfg: cfg, log: cfg.Logger,
-		running: map[string]map[int]context.CancelFunc{}, wake: make(chan struct{}, 1)}
+		running: map[string]map[int]context.CancelFunc{}, wake: make(chan struct{}, 1), holder: uuid.NewString()}
 	s.unitsDone = sync.NewCond(&s.mu)
 	return s
 }
@@ -462,82 +474,6 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 	return units, nil
 }
 
-// Run works on units until ctx ends. On start it hands back units that a
-// previous run of this process left claimed, and finishes jobs whose units
-// were all done.
-func (s *Service) Run(ctx context.Context) error {
-	if r, ok := s.jobs.(interface {
-		ReleaseAll(context.Context) (int, error)
-	}); ok {
-		n, err := r.ReleaseAll(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-		if n > 0 {
-			s.log.Info("export units handed back after restart", "units", n)
-		}
-	}
-	if err := s.recover(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
-	}
-	var wg sync.WaitGroup
-	if s.cfg.Launcher == nil {
-		for i := range s.cfg.Workers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				s.work(ctx, i)
-			}()
-		}
-	} else {
-		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			s.relaunch(ctx)
-		}()
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				if err := s.cfg.Launcher.Watch(ctx, func(ev kiln.LaunchEvent) { s.onLaunchEvent(ctx, ev) }); err != nil && ctx.Err() == nil {
-					s.log.Error("watch export workers", "err", err)
-					select {
-					case <-ctx.Done():
-					case <-time.After(time.Second):
-					}
-				}
-			}
-		}()
-	}
-	wg.Add(3)
-	go func() {
-		defer wg.Done()
-		s.sweep(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		// A job whose last unit could not finalize it (the store was away
-		// at that moment) is finalized here.
-		every(ctx, 5*time.Second, func() bool {
-			if err := s.recover(ctx); err != nil && ctx.Err() == nil && !s.transient(err) {
-				s.log.Error("finish exports whose units are all done", "err", err)
-			}
-			return true
-		})
-	}()
-	go func() {
-		defer wg.Done()
-		s.reclaim(ctx)
-	}()
-	wg.Wait()
-	return nil
-}
-
 // launch starts a job's workers once; failures leave it pending for relaunch.
 func (s *Service) launch(ctx context.Context, id string) {
 	s.mu.Lock()
@@ -645,6 +581,7 @@ func (s *Service) onLaunchEvent(ctx context.Context, ev kiln.LaunchEvent) {
 // a lost pod) back to pending, so another worker redoes them.
 func (s *Service) reclaim(ctx context.Context) {
 	every(ctx, max(s.cfg.Lease/4, 100*time.Millisecond), func() bool {
+		s.maintained.Add(1)
 		n, err := s.jobs.ReleaseExpired(ctx)
 		if err != nil {
 			if ctx.Err() == nil {

@@ -119,6 +119,8 @@ var migrations = []string{
 	`CREATE TABLE clients(id TEXT PRIMARY KEY, doc JSONB NOT NULL);`,
 	// Client assertions already used, until they expire (replay protection).
 	`CREATE TABLE assertions(key TEXT PRIMARY KEY, expires BIGINT NOT NULL);`,
+	// Leadership of maintenance roles among processes (kiln.Elector).
+	`CREATE TABLE leaders(name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

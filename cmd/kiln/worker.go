@@ -60,9 +60,9 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if err := svc.Run(runCtx); err != nil {
-			log.Error("export workers stopped", "err", err)
-		}
+		// The worker role only: claim, heartbeat, execute, finish. The
+		// coordinator (on the API servers) reclaims, sweeps and launches.
+		svc.Work(runCtx)
 	}()
 	log.Info("kiln worker running", "store", sf.kind, "job", *job, "workers", *workers)
 	if *job == "" {

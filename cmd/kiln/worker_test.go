@@ -28,9 +28,10 @@ import (
 )
 
 // TestWorkersShareOneExport: three kiln worker processes run one export from
-// PostgreSQL; one is killed (SIGKILL) in the middle of a unit; the others
-// take its unit over when its lease runs out, and the export holds exactly the
-// expected resources, none twice.
+// PostgreSQL; one is killed (SIGKILL) in the middle of a unit; the
+// coordinator hands its unit back when its lease runs out, another worker
+// takes it over, and the export holds exactly the expected resources, none
+// twice.
 func TestWorkersShareOneExport(t *testing.T) {
 	url := os.Getenv("KILN_POSTGRES_URL")
 	if url == "" {
@@ -64,7 +65,13 @@ func TestWorkersShareOneExport(t *testing.T) {
 	counts, _ := db.Counts(ctx)
 	data := filepath.Join(dir, "data")
 	sink, _ := localfs.New(filepath.Join(data, "exports"))
-	svc := export.New(db, db, sink, export.Config{UnitSize: 500, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	// The test is the API server: it coordinates (reclaims the killed
+	// worker's unit when its lease runs out); the kiln workers only work.
+	svc := export.New(db, db, sink, export.Config{UnitSize: 500, Lease: time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	cctx, stopCoordinator := context.WithCancel(ctx)
+	coordinated := make(chan struct{})
+	go func() { defer close(coordinated); svc.Coordinate(cctx) }()
+	defer func() { stopCoordinator(); <-coordinated }()
 	req := export.NewRequest(kiln.LevelSystem)
 	req.PatientReferenceBatchSize, req.FetchResourceBatchSize = 10, 5
 	job, err := svc.Start(ctx, req, "t")
