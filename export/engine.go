@@ -61,6 +61,9 @@ type Config struct {
 	// RelaunchEvery is how often pending launches are retried (default 10 s).
 	MaxLaunches   int
 	RelaunchEvery time.Duration
+	// RecoverEvery is how often the coordinator finishes jobs whose units
+	// are all done but that no worker or launch event finished (5 s).
+	RecoverEvery time.Duration
 	// LeaderLease is how long the coordinator's leadership lasts without
 	// renewal (15 s): when the leading process dies, another API server
 	// takes maintenance over within it. Only stores with kiln.Elector elect.
@@ -115,6 +118,9 @@ func (c *Config) defaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.RecoverEvery <= 0 {
+		c.RecoverEvery = 5 * time.Second
 	}
 	if c.LeaderLease <= 0 {
 		c.LeaderLease = 15 * time.Second

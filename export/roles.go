@@ -188,7 +188,7 @@ func (s *Service) maintain(ctx context.Context) error {
 		defer wg.Done()
 		// A job whose last unit could not finalize it (the store was away
 		// at that moment) is finalized here.
-		every(ctx, 5*time.Second, func() bool {
+		every(ctx, s.cfg.RecoverEvery, func() bool {
 			if err := s.recover(ctx); err != nil && ctx.Err() == nil && !s.transient(err) {
 				s.log.Error("finish exports whose units are all done", "err", err)
 			}

@@ -145,7 +145,10 @@ func newRig(t *testing.T, maxLaunches int) *rig {
 	sink, _ := localfs.New(filepath.Join(dir, "exports"))
 	client := fake.NewClientset()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	svc := export.New(db, db, sink, export.Config{Logger: log, Launcher: k8s.New(client, cfg), MaxLaunches: maxLaunches, RelaunchEvery: 50 * time.Millisecond})
+	svc := export.New(db, db, sink, export.Config{Logger: log, Launcher: k8s.New(client, cfg), MaxLaunches: maxLaunches, RelaunchEvery: 50 * time.Millisecond,
+		// Only launch events finish exports here: the coordinator's
+		// catch-all pass would otherwise hide a broken watch path.
+		RecoverEvery: time.Hour})
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
