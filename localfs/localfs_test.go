@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/sinktest"
 )
 
 func TestSinkRoundTripAndConfinement(t *testing.T) {
@@ -45,4 +46,14 @@ func TestSinkRoundTripAndConfinement(t *testing.T) {
 	if err := s.RemoveJob(ctx, "job"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func TestContract(t *testing.T) {
+	sinktest.Run(t, func(t *testing.T) kiln.Sink {
+		s, err := New(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}, sinktest.Options{})
 }

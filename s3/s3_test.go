@@ -28,6 +28,7 @@ import (
 	"github.com/kiln-fhir/kiln/ingest"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/s3"
+	"github.com/kiln-fhir/kiln/sinktest"
 	"github.com/kiln-fhir/kiln/sqlite"
 )
 
@@ -44,26 +45,74 @@ func endpoint(t *testing.T) string {
 	return e
 }
 
+// newBucket creates a bucket of its own for a test.
+func newBucket(t *testing.T) string {
+	t.Helper()
+	b := make([]byte, 6)
+	rand.Read(b)
+	name := "kiln-test-" + hex.EncodeToString(b)
+	sink, err := s3.New(context.Background(), s3.Config{Bucket: name, Endpoint: endpoint(t), PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sink.Client().CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: &name}); err != nil {
+		t.Fatalf("create bucket: %v", err)
+	}
+	return name
+}
+
 func newSink(t *testing.T, cfg s3.Config) *s3.Sink {
 	t.Helper()
 	cfg.Endpoint, cfg.PathStyle = endpoint(t), true
 	if cfg.Bucket == "" {
-		b := make([]byte, 6)
-		rand.Read(b)
-		cfg.Bucket = "kiln-test-" + hex.EncodeToString(b)
-		sink, err := s3.New(context.Background(), s3.Config{Bucket: cfg.Bucket, Endpoint: cfg.Endpoint, PathStyle: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := sink.Client().CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: &cfg.Bucket}); err != nil {
-			t.Fatalf("create bucket: %v", err)
-		}
+		cfg.Bucket = newBucket(t)
 	}
 	sink, err := s3.New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return sink
+}
+
+// TestContract runs the sink contract on S3, without and with a key prefix.
+func TestContract(t *testing.T) {
+	for _, prefix := range []string{"", "tenants/a/exports"} {
+		t.Run("prefix="+prefix, func(t *testing.T) {
+			var bucket string
+			sinktest.Run(t, func(t *testing.T) kiln.Sink {
+				if bucket == "" {
+					bucket = newBucket(t)
+				}
+				return newSink(t, s3.Config{Bucket: bucket, Prefix: prefix})
+			}, sinktest.Options{PartSize: 5 << 20})
+		})
+	}
+}
+
+// TestKeyPrefix: with a prefix, every object of the sink is under it.
+func TestKeyPrefix(t *testing.T) {
+	ctx := context.Background()
+	bucket := newBucket(t)
+	sink := newSink(t, s3.Config{Bucket: bucket, Prefix: "/tenants/a/"})
+	w, err := sink.Create(ctx, "job1", "000001-a1-output-Patient-001.ndjson", kiln.WriteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "x\n")
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := sink.Client().ListObjectsV2(ctx, &awss3.ListObjectsV2Input{Bucket: &bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out.Contents) != 1 || !strings.HasPrefix(aws.ToString(out.Contents[0].Key), "tenants/a/job1/") {
+		var keys []string
+		for _, o := range out.Contents {
+			keys = append(keys, aws.ToString(o.Key))
+		}
+		t.Fatalf("objects %v, want one under tenants/a/job1/", keys)
+	}
 }
 
 func lines(n int, width int) []byte {
