@@ -24,6 +24,8 @@ type Store interface {
 	kiln.ExportReader
 	kiln.JobStore
 	kiln.ClientStore
+	kiln.Outbox
+	SetEvents(kiln.Events)
 }
 
 // Run runs the contract against stores made by open; each subtest gets a new, empty one.
@@ -46,6 +48,10 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"DeletionsInWindow", testDeletions},
 		{"JobUnitsClaimedOnce", testUnits},
 		{"JobLimitsHoldUnderConcurrency", testJobLimits},
+		{"JobPatientsInOrder", testJobPatients},
+		{"TypesPresentKeepsTombstones", testTypesPresent},
+		{"ClientsStored", testClients},
+		{"OutboxWithItsChange", testOutbox},
 		{"AssertionsUsedOnce", testAssertions},
 	}
 	for _, tt := range tests {
@@ -618,5 +624,116 @@ func testJobLimits(t *testing.T, s Store) {
 	}
 	if err := s.CreateJob(ctx, &kiln.Job{ID: "unlimited", Owner: "a", State: kiln.JobAccepted}, nil, kiln.JobLimits{}); err != nil {
 		t.Fatalf("no limits: %v", err)
+	}
+}
+
+func testJobPatients(t *testing.T, s Store) {
+	ctx := context.Background()
+	ids := []string{"p3", "p1", "p2", "p9"}
+	if err := s.SetPatients(ctx, "j", ids); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.JobPatients(ctx, "j", 1, 2)
+	if err != nil || !slices.Equal(got, []string{"p1", "p2"}) {
+		t.Fatalf("patients 1..2: %v %v", got, err)
+	}
+	if got, _ := s.JobPatients(ctx, "j", 0, 10); !slices.Equal(got, ids) {
+		t.Fatalf("all patients in order: %v", got)
+	}
+	if got, _ := s.JobPatients(ctx, "other", 0, 10); len(got) != 0 {
+		t.Fatalf("another job's patients: %v", got)
+	}
+}
+
+// testTypesPresent: a type whose resources are all deleted is still
+// present, so that a _since export plans its deletions.
+func testTypesPresent(t *testing.T, s Store) {
+	ctx := context.Background()
+	write(t, s, Put(t, patient("p1")), Put(t, observation("o1", "p1")))
+	write(t, s, kiln.Write{Kind: kiln.Delete, Type: "Observation", ID: "o1"})
+	got, err := s.TypesPresent(ctx)
+	if err != nil || !slices.Equal(got, []string{"Observation", "Patient"}) {
+		t.Fatalf("types present: %v %v", got, err)
+	}
+}
+
+func testClients(t *testing.T, s Store) {
+	ctx := context.Background()
+	if _, err := s.GetClient(ctx, "c1"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("unknown client: %v", err)
+	}
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	for _, c := range []*kiln.Client{{ID: "c1", JWKS: []byte(`{"keys":[]}`), Scope: "system/*.rs", Created: now}, {ID: "c2", JWKSURL: "https://c2.example/jwks", Scope: "system/Patient.rs", Created: now}} {
+		if err := s.PutClient(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.PutClient(ctx, &kiln.Client{ID: "c1", JWKS: []byte(`{"keys":[]}`), Scope: "system/Observation.rs", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.GetClient(ctx, "c1")
+	if err != nil || c.Scope != "system/Observation.rs" || string(c.JWKS) != `{"keys":[]}` {
+		t.Fatalf("client c1 after replacing: %+v %v", c, err)
+	}
+	all, err := s.Clients(ctx)
+	if err != nil || len(all) != 2 {
+		t.Fatalf("clients: %d %v", len(all), err)
+	}
+	if err := s.DeleteClient(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetClient(ctx, "c1"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("deleted client: %v", err)
+	}
+}
+
+// events makes one message per change, so the test can count them.
+type events struct{}
+
+func (events) JobChanged(old, new *kiln.Job) []kiln.Message {
+	return []kiln.Message{{Topic: "jobs", Key: new.ID, Value: []byte(string(new.State)), Headers: map[string]string{"h": "v"}}}
+}
+
+func (events) ResourcesWritten(res []kiln.WriteResult) []kiln.Message {
+	var out []kiln.Message
+	for _, r := range res {
+		out = append(out, kiln.Message{Topic: "resources", Key: r.Type + "/" + r.ID, Value: []byte(fmt.Sprint(r.Version))})
+	}
+	return out
+}
+
+// testOutbox: an event is stored in its change's transaction — with it when
+// it commits, not at all when it fails — and handed out oldest first until
+// deleted.
+func testOutbox(t *testing.T, s Store) {
+	ctx := context.Background()
+	s.SetEvents(events{})
+	write(t, s, Put(t, patient("p1")), Put(t, observation("o1", "p1")))
+	dup := Put(t, patient("p1"))
+	dup.Kind = kiln.Create
+	if _, err := s.Write(ctx, []kiln.Write{Put(t, patient("p2")), dup}); kiln.ErrorCode(err) != kiln.ECONFLICT {
+		t.Fatalf("conflicting batch: %v", err)
+	}
+	write(t, s, Put(t, patient("p1"))) // unchanged: no event
+	now := time.Now().UTC()
+	if err := s.CreateJob(ctx, &kiln.Job{ID: "j1", Owner: "me", State: kiln.JobAccepted, Created: now, Updated: now}, nil, kiln.JobLimits{}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.OutboxSize(ctx); n != 3 || err != nil {
+		t.Fatalf("outbox size %d %v, want 3 (two resources, one job; none from the failed batch or the no-op)", n, err)
+	}
+	first, err := s.PendingMessages(ctx, 2)
+	if err != nil || len(first) != 2 {
+		t.Fatalf("pending: %v %v", first, err)
+	}
+	if first[0].Key != "Patient/p1" || first[1].Key != "Observation/o1" || first[0].Seq >= first[1].Seq {
+		t.Fatalf("not oldest first: %+v", first)
+	}
+	if err := s.DeleteMessages(ctx, []int64{first[0].Seq, first[1].Seq}); err != nil {
+		t.Fatal(err)
+	}
+	rest, err := s.PendingMessages(ctx, 10)
+	if err != nil || len(rest) != 1 || rest[0].Topic != "jobs" || rest[0].Key != "j1" || string(rest[0].Value) != "accepted" || rest[0].Headers["h"] != "v" {
+		t.Fatalf("after delivering two: %+v %v", rest, err)
 	}
 }
