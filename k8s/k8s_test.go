@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
@@ -25,6 +27,7 @@ import (
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/k8s"
+	"github.com/kiln-fhir/kiln/launchertest"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/sqlite"
 )
@@ -288,4 +291,76 @@ func TestWatchCompletesTheExport(t *testing.T) {
 	if r.kjob(name) != nil {
 		t.Fatal("Job left after cancel")
 	}
+}
+
+// TestContract runs the launcher contract on client-go's fake clientset,
+// playing the Job controller's part: a Job's end is its Complete or Failed
+// condition. (The real control plane is issue 16's rig, not built yet.)
+func TestContract(t *testing.T) {
+	launchertest.Run(t, func(t *testing.T) launchertest.Harness {
+		client := fake.NewClientset()
+		jobs := client.BatchV1().Jobs(cfg.Namespace)
+		// The watch is registered with the fake's tracker here, then
+		// reported: an event sent before that would be lost.
+		watching := make(chan struct{})
+		var once sync.Once
+		client.PrependWatchReactor("jobs", func(a k8stesting.Action) (bool, watch.Interface, error) {
+			w, err := client.Tracker().Watch(a.GetResource(), a.GetNamespace())
+			once.Do(func() { close(watching) })
+			return true, w, err
+		})
+		// latest is the job's Job of the highest launch, if any.
+		latest := func(t *testing.T, id string) *batchv1.Job {
+			list, err := jobs.List(context.Background(), metav1.ListOptions{LabelSelector: k8s.LabelJob + "=" + id})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var top *batchv1.Job
+			for i := range list.Items {
+				j := &list.Items[i]
+				if n, _ := strconv.Atoi(j.Labels[k8s.LabelLaunch]); top == nil || n > mustAtoi(top.Labels[k8s.LabelLaunch]) {
+					top = j
+				}
+			}
+			return top
+		}
+		ended := func(j *batchv1.Job) bool {
+			for _, c := range j.Status.Conditions {
+				if (c.Type == batchv1.JobComplete || c.Type == batchv1.JobFailed) && c.Status == corev1.ConditionTrue {
+					return true
+				}
+			}
+			return false
+		}
+		return launchertest.Harness{
+			Launcher: k8s.New(client, cfg),
+			End: func(t *testing.T, id string, ok bool) {
+				j := latest(t, id)
+				c := batchv1.JobCondition{Type: batchv1.JobComplete, Status: corev1.ConditionTrue}
+				if !ok {
+					c = batchv1.JobCondition{Type: batchv1.JobFailed, Status: corev1.ConditionTrue, Reason: "BackoffLimitExceeded", Message: "pods failed"}
+				}
+				j.Status.Conditions = append(j.Status.Conditions, c)
+				if _, err := jobs.UpdateStatus(context.Background(), j, metav1.UpdateOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			},
+			Running: func(t *testing.T, id string) bool {
+				j := latest(t, id)
+				return j != nil && !ended(j)
+			},
+			Watching: func(t *testing.T) {
+				select {
+				case <-watching:
+				case <-time.After(time.Minute):
+					t.Fatal("the launcher never watched")
+				}
+			},
+		}
+	})
+}
+
+func mustAtoi(s string) int {
+	n, _ := strconv.Atoi(s)
+	return n
 }
