@@ -513,6 +513,12 @@ func (s *Service) launch(ctx context.Context, id string) {
 	}
 	err = s.cfg.Launcher.Launch(ctx, j)
 	if err != nil {
+		if kiln.ErrorCode(err) == kiln.EFORBIDDEN {
+			// A missing permission does not pass: say so on the export now,
+			// rather than after every launch attempt is spent.
+			s.failJob(id, &kiln.Unit{Job: id}, err)
+			return
+		}
 		if kiln.ErrorCode(err) == kiln.ETHROTTLED {
 			// A quota: no attempt spent; try again later.
 			s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error { j.Launches--; return nil })

@@ -217,6 +217,9 @@ func (l *Launcher) Launch(ctx context.Context, j *kiln.Job) error {
 		return nil
 	case apierrors.IsForbidden(err) && strings.Contains(err.Error(), "exceeded quota"):
 		return &kiln.Error{Code: kiln.ETHROTTLED, Message: "namespace quota exceeded: " + err.Error()}
+	case apierrors.IsForbidden(err):
+		// No retry helps: the launcher's account lacks a permission.
+		return &kiln.Error{Code: kiln.EFORBIDDEN, Message: fmt.Sprintf("Kiln may not create its export Job in namespace %s (%s); its Role needs create, get, list, watch and delete on batch jobs (deploy/kubernetes/role.yaml)", l.cfg.Namespace, err.Error())}
 	}
 	return fmt.Errorf("k8s: create Job %s: %w", spec.Name, err)
 }

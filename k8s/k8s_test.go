@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -227,20 +228,42 @@ func (r *rig) workUnits(t *testing.T) {
 func TestQuotaRefusalKeepsTheExportAccepted(t *testing.T) {
 	r := newRig(t, 3)
 	var refuse atomic.Bool
+	var refused atomic.Int32
 	refuse.Store(true)
 	r.client.PrependReactor("create", "jobs", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		if refuse.Load() {
+			refused.Add(1)
 			return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "batch", Resource: "jobs"}, "x", errors.New("exceeded quota: compute-resources"))
 		}
 		return false, nil, nil
 	})
 	j := r.start(t)
-	time.Sleep(200 * time.Millisecond)
+	// More refusals than the 3 launches allowed: none may count as one.
+	eventually(t, "five quota refusals", func() bool { return refused.Load() >= 5 })
 	if s := r.state(j.ID); s != kiln.JobAccepted {
 		t.Fatalf("after quota refusals: %s, want accepted", s)
 	}
 	refuse.Store(false)
 	eventually(t, "the Job is created once the quota allows", func() bool { return r.kjob(k8s.JobName(j.ID, 1)) != nil })
+}
+
+// TestForbiddenLaunchFailsTheExportSaySo (issue 16): a Role that lacks a
+// verb fails the export at once with a message naming the Role, instead of
+// spending every launch attempt or hanging.
+func TestForbiddenLaunchFailsTheExportSaySo(t *testing.T) {
+	r := newRig(t, 3)
+	var tries atomic.Int32
+	r.client.PrependReactor("create", "jobs", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		tries.Add(1)
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "batch", Resource: "jobs"}, "kiln-export-x-1",
+			errors.New(`User "system:serviceaccount:fhir:kiln" cannot create resource "jobs" in API group "batch" in the namespace "fhir"`))
+	})
+	j := r.start(t)
+	eventually(t, "export failed", func() bool { return r.state(j.ID) == kiln.JobFailed })
+	got, _ := r.svc.Job(context.Background(), j.ID)
+	if !strings.Contains(got.Error, "its Role needs create") || !strings.Contains(got.Error, "cannot create resource") || tries.Load() != 1 {
+		t.Fatalf("after %d tries: %q", tries.Load(), got.Error)
+	}
 }
 
 func TestFailedJobFailsTheExport(t *testing.T) {

@@ -1,0 +1,427 @@
+package main
+
+// The Kubernetes test rig (issue 16): a real control plane — etcd,
+// kube-apiserver and kube-controller-manager (Job, TTL-after-finished and
+// garbage-collector controllers), built from k8s.io/kubernetes by
+// scripts/k8s-control-plane — and a small node agent of our own standing in
+// for a kubelet, since no container runtime runs here: it binds each pod to
+// its node, runs the pod's container (Kiln's image) as a local kiln process
+// with the pod's environment, and reports the pod's phase through the API.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+type k8sRig struct {
+	t          *testing.T
+	dir        string
+	server     string // https://127.0.0.1:port
+	adminToken string
+	admin      *kubernetes.Clientset
+	node       *nodeAgent
+}
+
+// freePort returns a loopback port nobody listens on now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startK8sRig starts the control plane and the node agent, or skips when
+// the binaries are not configured (KILN_K8S_BIN: the folder
+// scripts/k8s-control-plane prints; etcd from PATH or KILN_ETCD).
+func startK8sRig(t *testing.T, kiln string) *k8sRig {
+	t.Helper()
+	bin := requireEnv(t, "KILN_K8S_BIN")[0]
+	etcd := os.Getenv("KILN_ETCD")
+	if etcd == "" {
+		etcd, _ = exec.LookPath("etcd")
+	}
+	if etcd == "" {
+		if os.Getenv("KILN_REQUIRE_INTEGRATION") == "1" {
+			t.Fatal("etcd not found (KILN_ETCD or PATH), and KILN_REQUIRE_INTEGRATION=1")
+		}
+		t.Skip("etcd not found")
+	}
+	dir := t.TempDir()
+	r := &k8sRig{t: t, dir: dir}
+	start := func(name string, args ...string) {
+		t.Helper()
+		cmd := exec.Command(args[0], args[1:]...)
+		logf, _ := os.Create(filepath.Join(dir, name+".log"))
+		cmd.Stdout, cmd.Stderr = logf, logf
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		t.Cleanup(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				<-done
+			}
+			logf.Close()
+			if t.Failed() {
+				b, _ := os.ReadFile(filepath.Join(dir, name+".log"))
+				if len(b) > 4000 {
+					b = b[len(b)-4000:]
+				}
+				t.Logf("%s log (end):\n%s", name, b)
+			}
+		})
+	}
+	ec, ep, api := freePort(t), freePort(t), freePort(t)
+	start("etcd", etcd, "--name", "rig", "--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client-urls", fmt.Sprintf("http://127.0.0.1:%d", ec), "--advertise-client-urls", fmt.Sprintf("http://127.0.0.1:%d", ec),
+		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", ep), "--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", ep),
+		"--initial-cluster", fmt.Sprintf("rig=http://127.0.0.1:%d", ep), "--unsafe-no-fsync")
+
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	os.WriteFile(filepath.Join(dir, "sa.key"), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}), 0o600)
+	os.WriteFile(filepath.Join(dir, "sa.pub"), pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o600)
+	tb := make([]byte, 16)
+	rand.Read(tb)
+	r.adminToken = fmt.Sprintf("%x", tb)
+	os.WriteFile(filepath.Join(dir, "tokens.csv"), []byte(r.adminToken+",rig-admin,rig-admin,system:masters\n"), 0o600)
+	start("kube-apiserver", filepath.Join(bin, "kube-apiserver"),
+		"--etcd-servers", fmt.Sprintf("http://127.0.0.1:%d", ec),
+		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", fmt.Sprint(api),
+		"--cert-dir", filepath.Join(dir, "certs"), "--token-auth-file", filepath.Join(dir, "tokens.csv"),
+		"--authorization-mode", "RBAC",
+		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file", filepath.Join(dir, "sa.pub"), "--service-account-signing-key-file", filepath.Join(dir, "sa.key"),
+		"--service-cluster-ip-range", "10.96.0.0/24", "--enable-priority-and-fairness=false")
+	r.server = fmt.Sprintf("https://127.0.0.1:%d", api)
+	r.waitReady("/readyz", 2*time.Minute)
+	r.writeKubeconfig("admin.kubeconfig", r.adminToken)
+	start("kube-controller-manager", filepath.Join(bin, "kube-controller-manager"),
+		"--kubeconfig", filepath.Join(dir, "admin.kubeconfig"), "--leader-elect=false", "--secure-port", "0",
+		"--controllers", "job-controller,ttl-after-finished-controller,garbage-collector-controller,serviceaccount-controller",
+		"--use-service-account-credentials=false")
+	r.admin = r.clientset(r.adminToken)
+	r.node = startNodeAgent(t, r.admin, kiln)
+	return r
+}
+
+func (r *k8sRig) restConfig(token string) *rest.Config {
+	return &rest.Config{Host: r.server, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 50, Burst: 100}
+}
+
+func (r *k8sRig) clientset(token string) *kubernetes.Clientset {
+	c, err := kubernetes.NewForConfig(r.restConfig(token))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return c
+}
+
+// writeKubeconfig writes a kubeconfig for the rig with a bearer token.
+func (r *k8sRig) writeKubeconfig(name, token string) string {
+	p := filepath.Join(r.dir, name)
+	cfg := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: rig
+  cluster:
+    server: %s
+    insecure-skip-tls-verify: true
+users:
+- name: user
+  user:
+    token: %s
+contexts:
+- name: rig
+  context:
+    cluster: rig
+    user: user
+current-context: rig
+`, r.server, token)
+	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
+		r.t.Fatal(err)
+	}
+	return p
+}
+
+func (r *k8sRig) waitReady(path string, limit time.Duration) {
+	r.t.Helper()
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, Timeout: 5 * time.Second}
+	for deadline := time.Now().Add(limit); ; time.Sleep(200 * time.Millisecond) {
+		req, _ := http.NewRequest("GET", r.server+path, nil)
+		req.Header.Set("Authorization", "Bearer "+r.adminToken)
+		if res, err := client.Do(req); err == nil {
+			res.Body.Close()
+			if res.StatusCode == 200 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("kube-apiserver not ready at %s within %s", path, limit)
+		}
+	}
+}
+
+// kubectl runs kubectl against the rig as admin.
+func (r *k8sRig) kubectl(stdin []byte, args ...string) ([]byte, error) {
+	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", filepath.Join(r.dir, "admin.kubeconfig")}, args...)...)
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
+	return cmd.CombinedOutput()
+}
+
+// nodeAgent stands in for a kubelet on one node.
+type nodeAgent struct {
+	t      *testing.T
+	client *kubernetes.Clientset
+	kiln   string
+	node   string
+
+	mu    sync.Mutex
+	procs map[string]*exec.Cmd // pod namespace/name → its container's process
+	seen  map[string]*corev1.Pod
+	ran   int
+}
+
+func startNodeAgent(t *testing.T, client *kubernetes.Clientset, kiln string) *nodeAgent {
+	a := &nodeAgent{t: t, client: client, kiln: kiln, node: "rig-node", procs: map[string]*exec.Cmd{}, seen: map[string]*corev1.Pod{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: a.node}}
+	if _, err := client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	node, _ = client.CoreV1().Nodes().Get(ctx, a.node, metav1.GetOptions{})
+	node.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, LastHeartbeatTime: metav1.Now(), Reason: "KilnRigAgent"}}
+	node.Status.Capacity = corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("64Gi"), corev1.ResourceCPU: resource.MustParse("8"), corev1.ResourcePods: resource.MustParse("110")}
+	node.Status.Allocatable = node.Status.Capacity
+	client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
+	done := make(chan struct{})
+	go func() { defer close(done); a.run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		a.mu.Lock()
+		for _, p := range a.procs {
+			p.Process.Kill()
+		}
+		a.mu.Unlock()
+	})
+	return a
+}
+
+func (a *nodeAgent) run(ctx context.Context) {
+	for ctx.Err() == nil {
+		w, err := a.client.CoreV1().Pods("").Watch(ctx, metav1.ListOptions{})
+		if err != nil {
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		for ev := range w.ResultChan() {
+			pod, ok := ev.Object.(*corev1.Pod)
+			if !ok {
+				continue
+			}
+			a.handle(ctx, ev.Type, pod)
+		}
+		w.Stop()
+	}
+}
+
+func (a *nodeAgent) handle(ctx context.Context, typ watch.EventType, pod *corev1.Pod) {
+	key := pod.Namespace + "/" + pod.Name
+	pods := a.client.CoreV1().Pods(pod.Namespace)
+	switch {
+	case typ == watch.Deleted || pod.DeletionTimestamp != nil:
+		a.mu.Lock()
+		p := a.procs[key]
+		delete(a.procs, key)
+		a.mu.Unlock()
+		if p != nil {
+			p.Process.Kill()
+		}
+		if typ != watch.Deleted {
+			zero := int64(0)
+			pods.Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+		}
+	case pod.Spec.NodeName == "":
+		b := &corev1.Binding{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace}, Target: corev1.ObjectReference{Kind: "Node", Name: a.node}}
+		if err := pods.Bind(ctx, b, metav1.CreateOptions{}); err != nil && !apierrors.IsConflict(err) {
+			a.t.Logf("node agent: bind %s: %v", key, err)
+		}
+	case pod.Status.Phase == corev1.PodPending:
+		a.mu.Lock()
+		_, started := a.procs[key]
+		a.mu.Unlock()
+		if !started {
+			a.startPod(ctx, pod)
+		}
+	}
+}
+
+// env is the container's environment as a kubelet would make it: envFrom
+// first (Secrets and ConfigMaps), then env.
+func (a *nodeAgent) env(ctx context.Context, pod *corev1.Pod, c corev1.Container) ([]string, error) {
+	out := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.TempDir()}
+	for _, ef := range c.EnvFrom {
+		switch {
+		case ef.SecretRef != nil:
+			s, err := a.client.CoreV1().Secrets(pod.Namespace).Get(ctx, ef.SecretRef.Name, metav1.GetOptions{})
+			if err != nil {
+				return nil, err
+			}
+			for k, v := range s.Data {
+				out = append(out, k+"="+string(v))
+			}
+		case ef.ConfigMapRef != nil:
+			m, err := a.client.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, ef.ConfigMapRef.Name, metav1.GetOptions{})
+			if err != nil {
+				return nil, err
+			}
+			for k, v := range m.Data {
+				out = append(out, k+"="+v)
+			}
+		}
+	}
+	for _, e := range c.Env {
+		out = append(out, e.Name+"="+e.Value)
+	}
+	return out, nil
+}
+
+// startPod runs the pod's one container (Kiln's image: the kiln binary with
+// the container's args) and reports Running, then how it ended.
+func (a *nodeAgent) startPod(ctx context.Context, pod *corev1.Pod) {
+	key := pod.Namespace + "/" + pod.Name
+	pods := a.client.CoreV1().Pods(pod.Namespace)
+	c := pod.Spec.Containers[0]
+	env, err := a.env(ctx, pod, c)
+	if err != nil {
+		a.t.Logf("node agent: env of %s: %v", key, err)
+		return
+	}
+	cmd := exec.Command(a.kiln, c.Args...)
+	cmd.Env = env
+	logf, _ := os.Create(filepath.Join(os.TempDir(), "kiln-rig-"+pod.Name+".log"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		a.t.Logf("node agent: start %s: %v", key, err)
+		return
+	}
+	a.mu.Lock()
+	a.procs[key] = cmd
+	a.seen[key] = pod.DeepCopy()
+	a.ran++
+	a.mu.Unlock()
+	now := metav1.Now()
+	setStatus := func(phase corev1.PodPhase, state corev1.ContainerState) {
+		for range 20 {
+			cur, err := pods.Get(ctx, pod.Name, metav1.GetOptions{})
+			if err != nil {
+				return
+			}
+			cur.Status.Phase = phase
+			cur.Status.StartTime = &now
+			cur.Status.HostIP, cur.Status.PodIP = "127.0.0.1", "127.0.0.1"
+			ready := corev1.ConditionFalse
+			if phase == corev1.PodRunning {
+				ready = corev1.ConditionTrue
+			}
+			cur.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: ready, LastTransitionTime: metav1.Now()}}
+			cur.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: c.Name, Image: c.Image, ImageID: c.Image, State: state, Ready: phase == corev1.PodRunning, Started: ptr(phase == corev1.PodRunning)}}
+			if _, err := pods.UpdateStatus(ctx, cur, metav1.UpdateOptions{}); err == nil || !apierrors.IsConflict(err) {
+				return
+			}
+		}
+	}
+	setStatus(corev1.PodRunning, corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}})
+	go func() {
+		err := cmd.Wait()
+		logf.Close()
+		code := 0
+		if err != nil {
+			code = 1
+			if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() > 0 {
+				code = ee.ExitCode()
+			} else if ok {
+				code = 137 // killed
+			}
+		}
+		a.mu.Lock()
+		_, live := a.procs[key]
+		delete(a.procs, key)
+		a.mu.Unlock()
+		if !live {
+			return // deleted: nothing to report
+		}
+		phase := corev1.PodSucceeded
+		if code != 0 {
+			phase = corev1.PodFailed
+		}
+		setStatus(phase, corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: int32(code), Reason: map[bool]string{true: "Completed", false: "Error"}[code == 0], StartedAt: now, FinishedAt: metav1.Now()}})
+	}()
+}
+
+// kill sends SIGKILL to the process of one running pod of the namespace,
+// as when a node's worker dies; it returns the pod's name.
+func (a *nodeAgent) kill(namespace string) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for key, p := range a.procs {
+		if strings.HasPrefix(key, namespace+"/") {
+			p.Process.Kill()
+			return key
+		}
+	}
+	return ""
+}
+
+// running counts the live processes of pods of the namespace.
+func (a *nodeAgent) running(namespace string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for key := range a.procs {
+		if strings.HasPrefix(key, namespace+"/") {
+			n++
+		}
+	}
+	return n
+}
+
+func ptr[T any](v T) *T { return &v }
