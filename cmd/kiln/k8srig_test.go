@@ -28,6 +28,9 @@ import (
 	"testing"
 	"time"
 
+	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/jackc/pgx/v5"
+	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -35,6 +38,10 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/kiln-fhir/kiln/k8s"
+	"github.com/kiln-fhir/kiln/postgres"
+	"github.com/kiln-fhir/kiln/s3"
 )
 
 type k8sRig struct {
@@ -107,7 +114,7 @@ func startK8sRig(t *testing.T, kiln string) *k8sRig {
 	start("etcd", etcd, "--name", "rig", "--data-dir", filepath.Join(dir, "etcd"),
 		"--listen-client-urls", fmt.Sprintf("http://127.0.0.1:%d", ec), "--advertise-client-urls", fmt.Sprintf("http://127.0.0.1:%d", ec),
 		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", ep), "--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", ep),
-		"--initial-cluster", fmt.Sprintf("rig=http://127.0.0.1:%d", ep), "--unsafe-no-fsync")
+		"--initial-cluster", fmt.Sprintf("rig=http://127.0.0.1:%d", ep))
 
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
@@ -425,3 +432,161 @@ func (a *nodeAgent) running(namespace string) int {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestKubernetesRig (issue 16): kiln serve --launcher kubernetes on a real
+// control plane, talking to it as the deploy/kubernetes ServiceAccount (a
+// TokenRequest token, never as admin), PostgreSQL and S3: the 615-patient
+// set is exported by a Job of three pods that really run kiln worker; one
+// worker process is killed mid-export and the failed Job is relaunched, and
+// the files still hold every resource once; the pod parameters of the
+// kick-off are in the pod spec the API server stored; ttlSecondsAfterFinished
+// removes the finished Jobs.
+func TestKubernetesRig(t *testing.T) {
+	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_S3_ENDPOINT")
+	pgURL, s3URL := env[0], env[1]
+	bin := buildKiln(t)
+	r := startK8sRig(t, bin)
+	ctx := context.Background()
+	manifests := filepath.Join("..", "..", "deploy", "kubernetes")
+	if out, err := r.kubectl(nil, "create", "namespace", "fhir"); err != nil {
+		t.Fatalf("create namespace: %v\n%s", err, out)
+	}
+	// Every manifest passes the real API server's validation.
+	if out, err := r.kubectl(nil, "apply", "--dry-run=server", "-n", "fhir", "-f", manifests); err != nil {
+		t.Fatalf("kubectl apply --dry-run=server: %v\n%s", err, out)
+	}
+	for _, f := range []string{"serviceaccount.yaml", "role.yaml"} {
+		if out, err := r.kubectl(nil, "apply", "-n", "fhir", "-f", filepath.Join(manifests, f)); err != nil {
+			t.Fatalf("apply %s: %v\n%s", f, err, out)
+		}
+	}
+	tr, err := r.admin.CoreV1().ServiceAccounts("fhir").CreateToken(ctx, "kiln",
+		&authv1.TokenRequest{Spec: authv1.TokenRequestSpec{ExpirationSeconds: ptr(int64(3600))}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig := r.writeKubeconfig("kiln.kubeconfig", tr.Status.Token)
+	// The account sees what its Role grants and nothing more.
+	if out, _ := r.kubectl(nil, "auth", "can-i", "list", "pods", "-n", "fhir", "--as", "system:serviceaccount:fhir:kiln"); strings.TrimSpace(string(out)) != "no" {
+		t.Fatalf("the kiln account may list pods: %s", out)
+	}
+
+	b := make([]byte, 5)
+	rand.Read(b)
+	schema, bucket := "rig_"+fmt.Sprintf("%x", b), "kiln-rig-"+fmt.Sprintf("%x", b)
+	defer postgres.DropSchema(ctx, pgURL, schema)
+	sink, err := s3.New(ctx, s3.Config{Bucket: bucket, Endpoint: s3URL, PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sink.Client().CreateBucket(ctx, &awss3.CreateBucketInput{Bucket: &bucket}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	common := []string{"--store", "postgres", "--postgres-schema", schema, "--data", filepath.Join(dir, "data")}
+	imp := exec.Command(bin, append([]string{"import", "--quiet"}, append(common, dataDir615(t))...)...)
+	imp.Env = append(os.Environ(), "KILN_POSTGRES_URL="+pgURL)
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	db, err := postgres.Open(ctx, pgURL, postgres.Options{Schema: schema})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	counts, _ := db.Counts(ctx)
+	want := 0
+	for _, n := range counts {
+		want += int(n)
+	}
+	// What the pods get: the store and the sink, from a Secret.
+	podEnv := map[string]string{
+		"KILN_STORE": "postgres", "KILN_POSTGRES_URL": pgURL, "KILN_POSTGRES_SCHEMA": schema,
+		"KILN_SINK": "s3", "KILN_S3_BUCKET": bucket, "KILN_S3_ENDPOINT": s3URL, "KILN_S3_PATH_STYLE": "true",
+		"AWS_ACCESS_KEY_ID": os.Getenv("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": os.Getenv("AWS_SECRET_ACCESS_KEY"), "AWS_REGION": "us-east-1",
+		"KILN_DATA": filepath.Join(dir, "worker-data"), "KILN_EXPORT_WORKERS": "1", "KILN_UNIT_LEASE": "2s",
+	}
+	if _, err := r.admin.CoreV1().Secrets("fhir").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "kiln-rig"}, StringData: podEnv}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	k := &kilnProc{t: t, bin: bin, env: []string{"KILN_POSTGRES_URL=" + pgURL},
+		args: append([]string{"--launcher", "kubernetes", "--k8s-kubeconfig", kubeconfig, "--k8s-namespace", "fhir", "--k8s-image", "kiln:rig",
+			"--k8s-service-account", "kiln-worker", "--k8s-env-from-secrets", "kiln-rig", "--workers-per-job", "3", "--max-launches", "3",
+			"--sink", "s3", "--s3-bucket", bucket, "--s3-endpoint", s3URL, "--s3-path-style", "--export-unit-size", "4000", "--unit-lease", "2s",
+			"--log-level", "warn"}, common...)}
+	k.start()
+	defer k.stop()
+	loc := k.kickOff("/$export?requestsMemory=1Gi&limitsMemory=3Gi&ttlSecondsAfterFinished=1")
+	id := loc[strings.LastIndex(loc, "/")+1:]
+
+	// Kill one worker once all three pods run and units are being done.
+	conn, err := pgx.Connect(ctx, pgURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	units := pgx.Identifier{schema, "units"}.Sanitize()
+	for deadline := time.Now().Add(3 * time.Minute); ; time.Sleep(20 * time.Millisecond) {
+		var running, done int
+		conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state='running'), count(*) FILTER (WHERE state='done') FROM `+units+` WHERE job=$1`, id).Scan(&running, &done)
+		if r.node.running("fhir") == 3 && running >= 2 && done >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the Job's pods never all ran units (pods %d, units running %d, done %d)", r.node.running("fhir"), running, done)
+		}
+	}
+	killed := r.node.kill("fhir")
+	t.Logf("killed the worker of pod %s", killed)
+	code, m := awaitExport(t, loc, 10*time.Minute)
+	if code != 200 {
+		t.Fatalf("export: %d %s", code, m.Outcome)
+	}
+	checkExport(t, loc, m, want)
+
+	j, err := db.GetJob(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var redone int
+	conn.QueryRow(ctx, `SELECT count(*) FROM `+units+` WHERE job=$1 AND attempts > 1`, id).Scan(&redone)
+	if j.Launches < 2 || redone == 0 {
+		t.Errorf("after the kill: %d launches, %d units redone; want a relaunch and a redone unit", j.Launches, redone)
+	}
+	// The pods the API server stored carry the kick-off's parameters.
+	r.node.mu.Lock()
+	pods := 0
+	for _, p := range r.node.seen {
+		c := p.Spec.Containers[0]
+		pods++
+		if req, lim := c.Resources.Requests[corev1.ResourceMemory], c.Resources.Limits[corev1.ResourceMemory]; req.String() != "1Gi" || lim.String() != "3Gi" ||
+			p.Spec.ServiceAccountName != "kiln-worker" || strings.Join(c.Args, " ") != "worker --job "+id {
+			t.Errorf("pod %s: requests %s, limits %s, account %s, args %v", p.Name, req.String(), lim.String(), p.Spec.ServiceAccountName, c.Args)
+		}
+	}
+	r.node.mu.Unlock()
+	if pods < 4 {
+		t.Errorf("%d pods ran; want the first launch's three and a relaunch", pods)
+	}
+	// ttlSecondsAfterFinished=1: the TTL controller removes the finished Jobs.
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		list, err := r.admin.BatchV1().Jobs("fhir").List(ctx, metav1.ListOptions{LabelSelector: k8s.LabelJob + "=" + id})
+		if err == nil && len(list.Items) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("export Jobs left after their TTL: %d", len(list.Items))
+		}
+	}
+}
+
+func dataDir615(t *testing.T) string {
+	t.Helper()
+	for _, p := range []string{"../../../shared/data/synthea-r4-615", "../../shared/data/synthea-r4-615"} {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	t.Fatal("synthea-r4-615 not found beside the repository")
+	return ""
+}
