@@ -24,7 +24,9 @@ type rig struct {
 	svc *export.Service
 }
 
-func newRig(t *testing.T, cfg export.Config) *rig {
+// openLocal opens an SQLite store and a local sink in a new folder.
+func openLocal(t *testing.T) (*sqlite.DB, *localfs.Sink) {
+	t.Helper()
 	dir := t.TempDir()
 	db, err := sqlite.Open(context.Background(), dir)
 	if err != nil {
@@ -35,6 +37,11 @@ func newRig(t *testing.T, cfg export.Config) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return db, sink
+}
+
+func newRig(t *testing.T, cfg export.Config) *rig {
+	db, sink := openLocal(t)
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	svc := export.New(db, db, sink, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -188,16 +195,7 @@ func TestMemoryBoundedByBatchNotData(t *testing.T) {
 // 2 resources a file and 1 h gives 3 files kept 1 h.
 func TestJobSettingsTravelWithTheJob(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	db, err := sqlite.Open(ctx, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	sink, err := localfs.New(filepath.Join(dir, "exports"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	db, sink := openLocal(t)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	clock := func() time.Time { return now }

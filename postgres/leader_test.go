@@ -15,12 +15,13 @@ import (
 	"github.com/kiln-fhir/kiln/postgres"
 )
 
+// openSchema opens a store in a schema of its own, dropped after the test.
 func openSchema(t *testing.T) *postgres.DB {
 	t.Helper()
 	u := url(t)
 	b := make([]byte, 6)
 	rand.Read(b)
-	schema := "lead_" + hex.EncodeToString(b)
+	schema := "test_" + hex.EncodeToString(b)
 	db, err := postgres.Open(context.Background(), u, postgres.Options{Schema: schema})
 	if err != nil {
 		t.Fatal(err)

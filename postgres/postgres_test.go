@@ -1,13 +1,9 @@
 package postgres_test
 
 import (
-	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"os"
 	"testing"
 
-	"github.com/kiln-fhir/kiln/postgres"
 	"github.com/kiln-fhir/kiln/storetest"
 )
 
@@ -24,19 +20,6 @@ func url(t *testing.T) string {
 }
 
 func TestContract(t *testing.T) {
-	u := url(t)
-	storetest.Run(t, func(t *testing.T) storetest.Store {
-		b := make([]byte, 6)
-		rand.Read(b)
-		schema := "test_" + hex.EncodeToString(b)
-		db, err := postgres.Open(context.Background(), u, postgres.Options{Schema: schema})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			db.Close()
-			postgres.DropSchema(context.Background(), u, schema)
-		})
-		return db
-	})
+	url(t)
+	storetest.Run(t, func(t *testing.T) storetest.Store { return openSchema(t) })
 }
