@@ -440,7 +440,8 @@ func ptr[T any](v T) *T { return &v }
 // worker process is killed mid-export and the failed Job is relaunched, and
 // the files still hold every resource once; the pod parameters of the
 // kick-off are in the pod spec the API server stored; ttlSecondsAfterFinished
-// removes the finished Jobs.
+// removes the finished Jobs; and with a Role that lacks create the next
+// export fails at once with a message that says so.
 func TestKubernetesRig(t *testing.T) {
 	env := requireEnv(t, "KILN_POSTGRES_URL", "KILN_S3_ENDPOINT")
 	pgURL, s3URL := env[0], env[1]
@@ -577,6 +578,22 @@ func TestKubernetesRig(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("export Jobs left after their TTL: %d", len(list.Items))
 		}
+	}
+	// A Role missing a verb: the next export fails at once, saying so.
+	role, err := os.ReadFile(filepath.Join(manifests, "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	narrowed := strings.Replace(string(role), `verbs: ["create", "get", "list", "watch", "delete"]`, `verbs: ["get", "list", "watch", "delete"]`, 1)
+	if narrowed == string(role) {
+		t.Fatal("role.yaml no longer has the verbs line this test narrows")
+	}
+	if out, err := r.kubectl([]byte(narrowed), "apply", "-n", "fhir", "-f", "-"); err != nil {
+		t.Fatalf("apply the narrowed Role: %v\n%s", err, out)
+	}
+	code, m = awaitExport(t, k.kickOff("/$export?_type=Patient"), 2*time.Minute)
+	if code == 200 || !strings.Contains(m.Outcome, "its Role needs create") || !strings.Contains(m.Outcome, "forbidden") {
+		t.Fatalf("export with a Role that cannot create Jobs: %d %s", code, m.Outcome)
 	}
 }
 
