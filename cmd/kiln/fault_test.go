@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/kiln-fhir/kiln/postgres"
 	"github.com/kiln-fhir/kiln/synth"
 )
@@ -507,4 +509,74 @@ func TestSigtermDrainAndSlowClients(t *testing.T) {
 		t.Fatalf("export after SIGTERM and restart: %d %s", code, m.Outcome)
 	}
 	checkExport(t, loc, m, countLines(t, gen))
+}
+
+// TestLeaderKilledMidExport (issue 16): two API servers on one PostgreSQL,
+// both running export units; the one that coordinates is killed (SIGKILL)
+// in the middle of the export. The other takes coordination over when the
+// leadership lease runs out, hands the dead server's units back, and the
+// export completes with every resource once.
+func TestLeaderKilledMidExport(t *testing.T) {
+	pgURL := requireEnv(t, "KILN_POSTGRES_URL")[0]
+	if testing.Short() {
+		t.Skip("fault test")
+	}
+	ctx := context.Background()
+	bin := buildKiln(t)
+	dir := t.TempDir()
+	b := make([]byte, 5)
+	crand.Read(b)
+	schema := "leader_" + hex.EncodeToString(b)
+	defer postgres.DropSchema(ctx, pgURL, schema)
+	common := []string{"--store", "postgres", "--postgres-schema", schema, "--data", filepath.Join(dir, "data")}
+	pgEnv := []string{"KILN_POSTGRES_URL=" + pgURL}
+	gen := seedStore(t, bin, dir, 150, 17, common, pgEnv...)
+	args := append([]string{"--export-unit-size", "400", "--export-workers", "1", "--unit-lease", "2s", "--leader-lease", "2s", "--log-level", "warn"}, common...)
+	conn, err := pgx.Connect(ctx, pgURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	leader := func() string {
+		var h string
+		conn.QueryRow(ctx, `SELECT holder FROM `+pgx.Identifier{schema, "leaders"}.Sanitize()+` WHERE expires > (extract(epoch from clock_timestamp()) * 1000)::bigint`).Scan(&h)
+		return h
+	}
+	a := &kilnProc{t: t, bin: bin, env: pgEnv, args: args}
+	a.start()
+	defer a.stop()
+	for deadline := time.Now().Add(20 * time.Second); leader() == ""; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first server never led")
+		}
+	}
+	first := leader()
+	bsrv := &kilnProc{t: t, bin: bin, env: pgEnv, args: args}
+	bsrv.start()
+	defer bsrv.stop()
+	loc := bsrv.kickOff("/$export?fetchResourceBatchSize=50")
+	id := loc[strings.LastIndex(loc, "/")+1:]
+	units := pgx.Identifier{schema, "units"}.Sanitize()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		var running, done int
+		conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state='running'), count(*) FILTER (WHERE state='done') FROM `+units+` WHERE job=$1`, id).Scan(&running, &done)
+		if running == 2 && done >= 1 {
+			break // both servers are in the middle of a unit
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("both servers never ran units (running %d, done %d)", running, done)
+		}
+	}
+	a.cmd.Process.Kill()
+	a.cmd.Wait()
+	code, m := awaitExport(t, loc, 3*time.Minute)
+	if code != 200 {
+		t.Fatalf("export after the leader died: %d %s", code, m.Outcome)
+	}
+	checkExport(t, loc, m, countLines(t, gen))
+	var redone int
+	conn.QueryRow(ctx, `SELECT count(*) FROM `+units+` WHERE job=$1 AND attempts > 1`, id).Scan(&redone)
+	if now := leader(); redone == 0 || now == "" || now == first {
+		t.Errorf("after the leader died: %d units redone, leader %q (was %q)", redone, now, first)
+	}
 }

@@ -44,7 +44,7 @@ type serveConfig struct {
 	demoPatients                    int
 	kafka                           kafkaFlags
 	sink                            sinkFlags
-	lease                           time.Duration
+	lease, leaderLease              time.Duration
 	auth                            authFlags
 	launch                          launcherFlags
 	kickoffRate, maxDownloads       int
@@ -97,6 +97,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address without authentication (default: /metrics on --addr, behind --auth)")
 	fs.BoolVar(&c.noMetrics, "no-metrics", false, "turn /metrics off")
 	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
+	fs.DurationVar(&c.leaderLease, "leader-lease", 15*time.Second, "with PostgreSQL, how long the export coordinator's leadership lasts unrenewed: another API server takes maintenance over within it when the leader dies")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
 	fs.StringVar(&k.topic, "kafka-topic", "fhir.bulk_export.events", "topic of bulk export events")
@@ -173,7 +174,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	exp := export.New(db, db, sink, export.Config{
 		Metrics: met, Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
 		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
-		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease,
+		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease, LeaderLease: c.leaderLease,
 		Ref: fhir.Options{Bases: []string{public + c.base()}}, Logger: log,
 	})
 	relay, err := setupKafka(db, &c.kafka, public+c.base(), log)
