@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/postgres"
@@ -120,5 +121,33 @@ func TestOneCoordinator(t *testing.T) {
 	<-doneB
 	if ok, err := db.Lead(context.Background(), "export-coordinator", "a third server", time.Minute); err != nil || !ok {
 		t.Fatalf("after b stopped cleanly, the role is not free: %v", err)
+	}
+}
+
+// TestAnotherProcessLeavesRunningUnits (issue 16, finding 2): a server or
+// worker that starts beside a running one does not hand its live units back:
+// the claim stays held, on its first attempt.
+func TestAnotherProcessLeavesRunningUnits(t *testing.T) {
+	db := openSchema(t)
+	ctx := context.Background()
+	now := time.Now().UTC()
+	if err := db.CreateJob(ctx, &kiln.Job{ID: "j", Owner: "me", State: kiln.JobInProgress, Created: now, Updated: now},
+		[]kiln.Unit{{Job: "j", Seq: 0, Kind: kiln.UnitType, Type: "Patient"}}, kiln.JobLimits{}); err != nil {
+		t.Fatal(err)
+	}
+	u, err := db.ClaimUnit(ctx, time.Minute) // the running process's claim
+	if err != nil || u == nil {
+		t.Fatalf("claim: %v %v", u, err)
+	}
+	sink, _ := localfs.New(filepath.Join(t.TempDir(), "exports"))
+	other := export.New(db, db, sink, export.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Lease: 400 * time.Millisecond})
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); other.Run(rctx) }()
+	eventually(t, 5*time.Second, "the new process's maintenance runs", func() bool { return other.MaintenancePasses() >= 3 })
+	stop()
+	<-done
+	if c, err := db.HeartbeatUnit(ctx, u, time.Minute); c != kiln.ClaimHeld || err != nil {
+		t.Fatalf("the running process's claim after another started: %v %v", c, err)
 	}
 }
