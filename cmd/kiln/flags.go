@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
+	"time"
 
 	"github.com/kiln-fhir/kiln"
 )
@@ -50,4 +52,16 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// workerFlags are the engine flags of the worker role, the same in kiln
+// serve and kiln worker; everything else a unit needs comes with its job.
+type workerFlags struct {
+	workers int
+	lease   time.Duration
+}
+
+func (w *workerFlags) register(fs *flag.FlagSet) {
+	fs.IntVar(&w.workers, "export-workers", runtime.NumCPU(), "export units run in parallel")
+	fs.DurationVar(&w.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 }

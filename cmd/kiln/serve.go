@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -34,7 +33,7 @@ type serveConfig struct {
 	store                           storeFlags
 	addr, data, basePath, publicURL string
 	maxBody                         int64
-	workers, unitSize               int
+	unitSize                        int
 	maxFileResources, maxFileBytes  int64
 	retention                       time.Duration
 	maxJobs, maxJobsPerClient       int
@@ -44,7 +43,8 @@ type serveConfig struct {
 	demoPatients                    int
 	kafka                           kafkaFlags
 	sink                            sinkFlags
-	lease, leaderLease              time.Duration
+	leaderLease                     time.Duration
+	work                            workerFlags
 	auth                            authFlags
 	launch                          launcherFlags
 	kickoffRate, maxDownloads       int
@@ -73,7 +73,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.basePath, "base-path", "/4_0_0", "FHIR base path")
 	fs.StringVar(&c.publicURL, "public-url", "", "scheme://host[:port] clients reach Kiln at, for Content-Location and manifest URLs (default: the request's Host)")
 	fs.Int64Var(&c.maxBody, "max-body-bytes", 16<<20, "largest request body accepted")
-	fs.IntVar(&c.workers, "export-workers", runtime.NumCPU(), "export units run in parallel")
+	c.work.register(fs)
 	fs.IntVar(&c.unitSize, "export-unit-size", 100_000, "resources per work unit of a system export")
 	fs.Int64Var(&c.maxFileResources, "max-file-resources", 1_000_000, "an export file is split before it passes this many resources")
 	fs.Int64Var(&c.maxFileBytes, "max-file-bytes", 1<<30, "an export file is split before it passes this many bytes")
@@ -96,7 +96,6 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.DurationVar(&c.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, how long requests in flight may finish; running export units are handed back")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address without authentication (default: /metrics on --addr, behind --auth)")
 	fs.BoolVar(&c.noMetrics, "no-metrics", false, "turn /metrics off")
-	fs.DurationVar(&c.lease, "unit-lease", 30*time.Second, "how long a worker holds an export unit without a heartbeat before another worker takes it over")
 	fs.DurationVar(&c.leaderLease, "leader-lease", 15*time.Second, "with PostgreSQL, how long the export coordinator's leadership lasts unrenewed: another API server takes maintenance over within it when the leader dies")
 	k := &c.kafka
 	fs.StringVar(&k.brokers, "kafka-brokers", "", "host:port,… of Kafka brokers; events are off when empty")
@@ -173,8 +172,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	met := metrics.New(reg, metrics.Sources{Jobs: db, Outbox: db})
 	exp := export.New(db, db, sink, export.Config{
 		Metrics: met, Launcher: launcher, MaxLaunches: c.launch.maxLaunches,
-		Workers: c.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
-		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.lease, LeaderLease: c.leaderLease,
+		Workers: c.work.workers, UnitSize: c.unitSize, MaxFileResources: c.maxFileResources, MaxFileBytes: c.maxFileBytes,
+		Retention: c.retention, MaxActiveJobs: c.maxJobs, MaxActiveJobsPerOwner: c.maxJobsPerClient, Lease: c.work.lease, LeaderLease: c.leaderLease,
 		Ref: fhir.Options{Bases: []string{public + c.base()}}, Logger: log,
 	})
 	relay, err := setupKafka(db, &c.kafka, public+c.base(), log)

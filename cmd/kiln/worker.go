@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"runtime"
 	"sync"
 	"time"
 
@@ -24,8 +23,8 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var sink sinkFlags
 	sink.register(fs)
 	job := fs.String("job", "", "work on units until this export job has finished, then exit")
-	workers := fs.Int("export-workers", runtime.NumCPU(), "units run in parallel")
-	lease := fs.Duration("unit-lease", 30*time.Second, "how long a unit is held without a heartbeat before another worker takes it over")
+	var wf workerFlags
+	wf.register(fs)
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
 	fs.Usage = func() {
@@ -53,7 +52,7 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	svc := export.New(db, db, snk, export.Config{Workers: *workers, Lease: *lease, Logger: log})
+	svc := export.New(db, db, snk, export.Config{Workers: wf.workers, Lease: wf.lease, Logger: log})
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var wg sync.WaitGroup
@@ -64,7 +63,7 @@ func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		// coordinator (on the API servers) reclaims, sweeps and launches.
 		svc.Work(runCtx)
 	}()
-	log.Info("kiln worker running", "store", sf.kind, "job", *job, "workers", *workers)
+	log.Info("kiln worker running", "store", sf.kind, "job", *job, "workers", wf.workers)
 	if *job == "" {
 		<-ctx.Done()
 		stop()
