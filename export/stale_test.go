@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -196,5 +197,82 @@ func TestCancelReachesUnitsElsewhere(t *testing.T) {
 		}
 	default:
 		t.Fatal("the heartbeat stopped without reporting the cancel")
+	}
+}
+
+// gatedSink holds a unit's first Create until the test opens the gate, and
+// then its writes until the unit's context ends, as a slow write would.
+type gatedSink struct {
+	kiln.Sink
+	creating, gate chan struct{}
+	once           sync.Once
+}
+
+func (g *gatedSink) Create(ctx context.Context, job, name string, opt kiln.WriteOptions) (io.WriteCloser, error) {
+	g.once.Do(func() { close(g.creating); <-g.gate })
+	w, err := g.Sink.Create(ctx, job, name, opt)
+	if err != nil {
+		return nil, err
+	}
+	return &stalledWriter{WriteCloser: w, ctx: ctx}, nil
+}
+
+type stalledWriter struct {
+	io.WriteCloser
+	ctx context.Context
+}
+
+func (w *stalledWriter) Write(p []byte) (int, error) {
+	<-w.ctx.Done()
+	return 0, context.Cause(w.ctx)
+}
+
+// TestCancelledUnitElsewhereRemovesItsFiles (issue 16, finding 3): a cancel made by
+// one process reaches a unit running in another at its next heartbeat; that
+// unit stops and removes the file it created after the cancel had removed
+// the job's files, so nothing of the job is left in the sink.
+func TestCancelledUnitElsewhereRemovesItsFiles(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := sqlite.Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	sink, err := localfs.New(filepath.Join(dir, "exports"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := fhir.Parse([]byte(`{"resourceType":"Patient","id":"p1"}`))
+	if _, err := db.Write(ctx, []kiln.Write{fhir.Prepare(p, p.ID, fhir.Options{})}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Lease: 300 * time.Millisecond, Workers: 1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	api := New(db, db, sink, cfg)
+	gs := &gatedSink{Sink: sink, creating: make(chan struct{}), gate: make(chan struct{})}
+	worker := New(db, db, gs, cfg)
+	job, err := api.Start(ctx, NewRequest(kiln.LevelSystem), "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := db.ClaimUnit(ctx, cfg.Lease)
+	if err != nil || u == nil {
+		t.Fatalf("claim: %v %v", u, err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); worker.runUnit(ctx, u, 0) }()
+	<-gs.creating
+	if err := api.Cancel(ctx, job.ID); err != nil {
+		t.Fatal(err)
+	}
+	close(gs.gate) // the unit now creates its file, after the cancel removed the job's
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("the unit never heard of the cancel")
+	}
+	left, _ := filepath.Glob(filepath.Join(dir, "exports", job.ID, "*"))
+	if len(left) != 0 {
+		t.Fatalf("files of the cancelled job left in the sink: %v", left)
 	}
 }
