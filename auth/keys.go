@@ -131,6 +131,7 @@ type remoteKeys struct {
 	url         string
 	client      *http.Client
 	minInterval time.Duration
+	now         func() time.Time // the clock of the interval (tests pin it)
 
 	mu      sync.Mutex
 	set     *jose.JSONWebKeySet
@@ -138,7 +139,7 @@ type remoteKeys struct {
 }
 
 func newRemoteKeys(url string) *remoteKeys {
-	return &remoteKeys{url: url, client: &http.Client{Timeout: 10 * time.Second}, minInterval: 30 * time.Second}
+	return &remoteKeys{url: url, client: &http.Client{Timeout: 10 * time.Second}, minInterval: 30 * time.Second, now: time.Now}
 }
 
 // key returns the key with kid, refreshing the set at most once per interval.
@@ -150,11 +151,11 @@ func (r *remoteKeys) key(ctx context.Context, kid string) (*jose.JSONWebKey, err
 			return &ks[0], nil
 		}
 	}
-	if r.set != nil && time.Since(r.fetched) < r.minInterval {
+	if r.set != nil && r.now().Sub(r.fetched) < r.minInterval {
 		return nil, fmt.Errorf("no key %q in the JWKS at %s", kid, r.url)
 	}
 	set, err := fetchJWKS(ctx, r.client, r.url)
-	r.fetched = time.Now()
+	r.fetched = r.now()
 	if err != nil {
 		return nil, err
 	}

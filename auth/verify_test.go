@@ -35,7 +35,9 @@ func TestJWKSURL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v.remote.minInterval = 200 * time.Millisecond
+	v.remote.minInterval = time.Minute
+	clock := time.Unix(1_800_000_000, 0)
+	v.remote.now = func() time.Time { return clock }
 	sign := func(k *rsa.PrivateKey, kid string) string {
 		tk := jwt.NewWithClaims(jwt.SigningMethodRS256, jwt.MapClaims{"iss": "https://idp", "sub": "u", "aud": "https://kiln.test", "exp": time.Now().Add(time.Minute).Unix()})
 		tk.Header["kid"] = kid
@@ -53,7 +55,7 @@ func TestJWKSURL(t *testing.T) {
 	}
 	// A rotated key: unknown at first, fetched on demand.
 	keys.Store([]jose.JSONWebKey{{Key: k1.Public(), KeyID: "one"}, {Key: k2.Public(), KeyID: "two"}})
-	time.Sleep(250 * time.Millisecond)
+	clock = clock.Add(time.Minute) // the refetch interval has passed
 	if _, err := v.Verify(ctx, sign(k2, "two")); err != nil {
 		t.Fatalf("rotated key: %v", err)
 	}
