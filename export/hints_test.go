@@ -65,8 +65,8 @@ func TestHelixBatchHints(t *testing.T) {
 	t.Cleanup(func() { stop(); <-done })
 	for _, tc := range []struct {
 		patientBatch, fetch int
-		part               int64
-		units              int
+		part                int64
+		units               int
 	}{
 		{3, 2, 5 << 20, 3}, // ⌈7/3⌉ patient units
 		{7, 1000, 8 << 20, 1},
