@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	crand "crypto/rand"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -47,10 +48,27 @@ func TestKillNineDuringExport(t *testing.T) {
 		k.kickOff("/$export?fetchResourceBatchSize=50"),
 		k.kickOff("/Patient/$export?patientReferenceBatchSize=5&fetchResourceBatchSize=50"),
 	}
+	// The test reads the store beside the server (WAL: readers do not block it).
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(data, "kiln.db")+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	running := func() int {
+		var n int
+		db.QueryRow(`SELECT count(*) FROM units WHERE state='running'`).Scan(&n)
+		return n
+	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	kills := 0
 	for range 6 {
-		time.Sleep(time.Duration(50+rng.IntN(400)) * time.Millisecond)
+		// Each kill hits the server in the middle of a unit.
+		for deadline := time.Now().Add(time.Minute); running() == 0; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no unit running before kill %d", kills+1)
+			}
+		}
+		time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond) // somewhere inside it
 		k.cmd.Process.Signal(syscall.SIGKILL)
 		k.cmd.Wait()
 		kills++
@@ -62,7 +80,14 @@ func TestKillNineDuringExport(t *testing.T) {
 		if code != 200 {
 			t.Fatalf("%s after %d kills: status %d", loc, kills, code)
 		}
+
 		checkExport(t, loc, m, want)
+	}
+	// The units the kills interrupted were redone (a kill hit each while it ran).
+	var redone int
+	db.QueryRow(`SELECT count(*) FROM units WHERE attempts > 1`).Scan(&redone)
+	if redone == 0 {
+		t.Errorf("no unit was redone after %d kills", kills)
 	}
 }
 
