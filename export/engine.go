@@ -935,23 +935,18 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	cur, err := s.jobs.GetJob(ctx, id)
-	if err != nil {
-		return err
-	}
-	set := s.settings(cur)
-	maxCount, maxBytes := set.MaxFileResources, set.MaxFileBytes
-	if _, ok := s.sink.(kiln.URLSink); ok {
-		// Clients fetch from the sink: a file cannot span parts.
-		maxCount, maxBytes = 1, 1
-	}
-	files := assemble(parts, maxCount, maxBytes)
 	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
 		if j.Finished() {
 			return errJobGone
 		}
+		set := s.settings(j)
+		maxCount, maxBytes := set.MaxFileResources, set.MaxFileBytes
+		if _, ok := s.sink.(kiln.URLSink); ok {
+			// Clients fetch from the sink: a file cannot span parts.
+			maxCount, maxBytes = 1, 1
+		}
 		j.State = kiln.JobCompleted
-		j.Files = files
+		j.Files = assemble(parts, maxCount, maxBytes)
 		if j.Request.AllowPartialManifests {
 			// The pages handed out stay as they are; the rest is the last page.
 			if last := pageFiles(parts, j.Pages); len(last) > 0 || len(j.Pages) == 0 {
@@ -960,7 +955,7 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 			j.Files = slices.Concat(j.Pages...)
 		}
 		j.UnitsDone = j.UnitsTotal
-		j.Expires = s.cfg.Now().Add(set.Retention).UTC()
+		j.Expires = s.cfg.Now().Add(s.settings(j).Retention).UTC()
 		return nil
 	})
 	if errors.Is(err, errJobGone) {
@@ -971,10 +966,10 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 	}
 	s.cfg.Metrics.ExportDone(j.Updated.Sub(j.Created))
 	var n int64
-	for _, f := range files {
+	for _, f := range j.Files {
 		n += f.Count
 	}
-	s.log.Info("export completed", "job", id, "files", len(files), "resources", n, "seconds", j.Updated.Sub(j.Created).Seconds())
+	s.log.Info("export completed", "job", id, "files", len(j.Files), "resources", n, "seconds", j.Updated.Sub(j.Created).Seconds())
 	return nil
 }
 

@@ -15,8 +15,10 @@ import (
 // execute runs one unit and returns the parts it wrote.
 func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
 	req := &job.Request
+	set := s.settings(job)
 	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
-		maxCount: s.settings(job).MaxFileResources, maxBytes: s.settings(job).MaxFileBytes, open: map[string]*openPart{}}
+		maxCount: set.MaxFileResources, maxBytes: set.MaxFileBytes, open: map[string]*openPart{}}
+	refs := s.refs(job)
 	q := baseQuery(job)
 	// scanTo streams what the export keeps of one scan to emit.
 	scanTo := func(q kiln.ScanQuery, emit func([]byte) error) error {
@@ -24,7 +26,7 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]k
 		direct := q.Supporting && !asksCompartment(req)
 		return s.selection(ctx, req, q, func(body []byte) error {
 			if direct {
-				if ok, err := referencesPatient(q.Type, body, s.refs(job)); err != nil || !ok {
+				if ok, err := referencesPatient(q.Type, body, refs); err != nil || !ok {
 					return err
 				}
 			}
