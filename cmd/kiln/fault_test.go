@@ -300,8 +300,24 @@ func TestPostgresRestartDuringExport(t *testing.T) {
 		k.kickOff("/$export?fetchResourceBatchSize=50"),
 		k.kickOff("/Patient/$export?patientReferenceBatchSize=5&fetchResourceBatchSize=50"),
 	}
+	// Each restart hits the server in the middle of a unit.
+	units := pgx.Identifier{schema, "units"}.Sanitize()
+	running := func() int {
+		conn, err := pgx.Connect(ctx, pgURL)
+		if err != nil {
+			return 0 // the server is coming back
+		}
+		defer conn.Close(ctx)
+		var n int
+		conn.QueryRow(ctx, `SELECT count(*) FROM `+units+` WHERE state='running'`).Scan(&n)
+		return n
+	}
 	for i := range 2 {
-		time.Sleep(300 * time.Millisecond)
+		for deadline := time.Now().Add(time.Minute); running() == 0; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no unit running before restart %d", i+1)
+			}
+		}
 		if out, err := exec.Command("sh", "-c", restart).CombinedOutput(); err != nil {
 			t.Fatalf("restart %d of PostgreSQL: %v\n%s", i+1, err, out)
 		}
@@ -313,6 +329,17 @@ func TestPostgresRestartDuringExport(t *testing.T) {
 			t.Fatalf("%s after PostgreSQL restarts: status %d", loc, code)
 		}
 		checkExport(t, loc, m, want)
+	}
+	// The units the restarts interrupted were handed back and redone.
+	conn, err := pgx.Connect(ctx, pgURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var redone int
+	conn.QueryRow(ctx, `SELECT count(*) FROM `+units+` WHERE attempts > 1`).Scan(&redone)
+	conn.Close(ctx)
+	if redone == 0 {
+		t.Error("no unit was redone after two PostgreSQL restarts mid-unit")
 	}
 	get := func(url string) *http.Response {
 		t.Helper()
