@@ -36,10 +36,10 @@ func (p *pausedFinish) FinishUnit(ctx context.Context, u *kiln.Unit, parts []kil
 // new owner completed the job. Its FinishUnit is refused (fencing), and what
 // it then cleans up must be its own attempt's files only: the completed
 // job's files stay readable with every resource.
-func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
-	ctx := context.Background()
-	dir := t.TempDir()
-	db, err := sqlite.Open(ctx, dir)
+// openStore opens an SQLite store and a local sink in dir.
+func openStore(t *testing.T, dir string) (*sqlite.DB, *localfs.Sink) {
+	t.Helper()
+	db, err := sqlite.Open(context.Background(), dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,6 +48,12 @@ func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return db, sink
+}
+
+func TestStaleClaimLeavesNewOwnersFiles(t *testing.T) {
+	ctx := context.Background()
+	db, sink := openStore(t, t.TempDir())
 	const patients = 6
 	var ws []kiln.Write
 	for i := range patients {
@@ -234,15 +240,7 @@ func (w *stalledWriter) Write(p []byte) (int, error) {
 func TestCancelledUnitElsewhereRemovesItsFiles(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	db, err := sqlite.Open(ctx, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	sink, err := localfs.New(filepath.Join(dir, "exports"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	db, sink := openStore(t, dir)
 	p, _ := fhir.Parse([]byte(`{"resourceType":"Patient","id":"p1"}`))
 	if _, err := db.Write(ctx, []kiln.Write{fhir.Prepare(p, p.ID, fhir.Options{})}); err != nil {
 		t.Fatal(err)

@@ -167,14 +167,19 @@ func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list %s rows of job %s: %w", q.Type, q.Job, err)
 	}
+	return column[int64](rows)
+}
+
+// column reads the one column of every row, and closes rows.
+func column[T any](rows *sql.Rows) ([]T, error) {
 	defer rows.Close()
-	var out []int64
+	var out []T
 	for rows.Next() {
-		var rid int64
-		if err := rows.Scan(&rid); err != nil {
+		var v T
+		if err := rows.Scan(&v); err != nil {
 			return nil, err
 		}
-		out = append(out, rid)
+		out = append(out, v)
 	}
 	return out, rows.Err()
 }
@@ -323,16 +328,7 @@ func (db *DB) PatientsAt(ctx context.Context, snapshot time.Time, ids []string) 
 		if err != nil {
 			return nil, fmt.Errorf("list patients: %w", err)
 		}
-		defer rows.Close()
-		var out []string
-		for rows.Next() {
-			var id string
-			if err := rows.Scan(&id); err != nil {
-				return nil, err
-			}
-			out = append(out, id)
-		}
-		return out, rows.Err()
+		return column[string](rows)
 	}
 	if ids == nil {
 		return run("", nil)
@@ -364,16 +360,7 @@ func (db *DB) TypesPresent(ctx context.Context) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list types: %w", err)
 	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var t string
-		if err := rows.Scan(&t); err != nil {
-			return nil, err
-		}
-		out = append(out, t)
-	}
-	return out, rows.Err()
+	return column[string](rows)
 }
 
 var _ kiln.ExportReader = (*DB)(nil)
@@ -384,14 +371,5 @@ func (db *DB) JobPatients(ctx context.Context, job string, lo, hi int) ([]string
 	if err != nil {
 		return nil, fmt.Errorf("list patients of job %s: %w", job, err)
 	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
-		}
-		out = append(out, id)
-	}
-	return out, rows.Err()
+	return column[string](rows)
 }
