@@ -1,0 +1,224 @@
+package httpapi_test
+
+import (
+	"encoding/json"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/kiln-fhir/kiln/fhir"
+)
+
+// TestIsolationTable (issue 17): for each path a token can read through —
+// search (plain, filtered, with _total), read, vread, history, and the
+// system- and Patient-level exports — and each kind of token, the exact set
+// of resources answered equals the set the access rules allow, computed
+// here from the test data alone (the tenant each record was tagged with and
+// whether an Observation is a laboratory one), not from Kiln's policy.
+func TestIsolationTable(t *testing.T) {
+	d := newTenantData(t)
+	r := newAuthEnv(t, envOpts{})
+	r.load(d.dir)
+	all := slices.Sorted(maps.Keys(d.tenant))
+
+	type kind struct {
+		name, scope string
+		tenant      string   // "" for every tenant
+		types       []string // readable types; nil for all
+		labOnly     bool     // Observations only of category laboratory
+		refused     bool     // no access/ scope: sees nothing (exports are 403)
+	}
+	kinds := []kind{
+		{name: "tenant A, v1", scope: "system/*.read access/tenantA.read", tenant: "tenantA"},
+		{name: "tenant B, v2", scope: "system/*.rs access/tenantB.read", tenant: "tenantB"},
+		{name: "both tenants", scope: "system/*.rs access/tenantA.read access/tenantB.read"},
+		{name: "access/*", scope: "system/*.rs access/*.read"},
+		{name: "A, Patient and lab Observations", scope: "system/Patient.rs system/Observation.rs?category=laboratory access/tenantA.read",
+			tenant: "tenantA", types: []string{"Patient", "Observation"}, labOnly: true},
+		// Under access-tags, types without a tenant: every record is
+		// someone's, so reads are 404 and searches empty; exports refuse.
+		{name: "no access scope", scope: "system/*.rs", refused: true},
+	}
+	for _, k := range kinds {
+		t.Run(k.name, func(t *testing.T) {
+			tok := r.token(t, "iso", k.scope)
+			auth := bearer(tok)
+			visible := func(ref string) bool {
+				typ, _, _ := strings.Cut(ref, "/")
+				switch {
+				case k.refused:
+					return false
+				case k.tenant != "" && d.tenant[ref] != k.tenant:
+					return false
+				case k.types != nil && !slices.Contains(k.types, typ):
+					return false
+				case k.labOnly && typ == "Observation" && !d.lab[ref]:
+					return false
+				}
+				return true
+			}
+			allowed := func(typ string, extra func(string) bool) map[string]bool {
+				out := map[string]bool{}
+				for _, ref := range all {
+					if strings.HasPrefix(ref, typ+"/") && visible(ref) && (extra == nil || extra(ref)) {
+						out[ref] = true
+					}
+				}
+				return out
+			}
+			typeReadable := func(typ string) bool {
+				return k.types == nil || slices.Contains(k.types, typ)
+			}
+
+			// Search, following every page.
+			for _, q := range []struct {
+				path  string
+				typ   string
+				extra func(string) bool
+			}{
+				{"/Observation?_count=1000", "Observation", nil},
+				{"/Observation?category=laboratory&_count=1000", "Observation", func(ref string) bool { return d.lab[ref] }},
+				{"/Patient?_count=7", "Patient", nil},
+				{"/Condition?_count=1000", "Condition", nil},
+			} {
+				got, status := searchAll(t, r, q.path, auth)
+				if !typeReadable(q.typ) {
+					if status != 403 {
+						t.Errorf("%s: %d, want 403", q.path, status)
+					}
+					continue
+				}
+				if status != 200 {
+					t.Fatalf("%s: %d", q.path, status)
+				}
+				if diff := diffRefs(got, allowed(q.typ, q.extra)); diff != "" {
+					t.Errorf("%s: %s", q.path, diff)
+				}
+			}
+			// _total=accurate counts only what may be read.
+			if typeReadable("Observation") {
+				res := r.do("GET", "/Observation?_total=accurate&_count=0", nil, auth...)
+				var b struct{ Total int }
+				json.Unmarshal(res.body, &b)
+				if want := len(allowed("Observation", nil)); res.StatusCode != 200 || b.Total != want {
+					t.Errorf("_total=accurate: %d, total %d, want %d", res.StatusCode, b.Total, want)
+				}
+			}
+			// Read, vread and history of a sample of every type: 200 exactly
+			// when visible; otherwise 404 (or 403 for a type the token cannot
+			// read at all), whoever owns it.
+			for i, ref := range all {
+				if i%17 != 0 {
+					continue
+				}
+				typ, _, _ := strings.Cut(ref, "/")
+				for _, path := range []string{"/" + ref, "/" + ref + "/_history/1", "/" + ref + "/_history"} {
+					res := r.do("GET", path, nil, auth...)
+					want := 404
+					switch {
+					case visible(ref):
+						want = 200
+					case !typeReadable(typ):
+						want = 403
+					}
+					if res.StatusCode != want {
+						t.Errorf("GET %s: %d, want %d", path, res.StatusCode, want)
+					}
+					if want != 200 && strings.Contains(string(res.body), `"id":"`+strings.TrimPrefix(ref, typ+"/")+`"`) {
+						t.Errorf("GET %s: the refusal carries the resource", path)
+					}
+				}
+			}
+			// Exports: exactly the visible resources, at the system and Patient levels.
+			for _, path := range []string{"/$export", "/Patient/$export"} {
+				res := r.do("GET", path, nil, append(bearer(tok), "Prefer", "respond-async")...)
+				if k.refused {
+					if res.StatusCode != 403 {
+						t.Errorf("%s: %d, want 403", path, res.StatusCode)
+					}
+					continue
+				}
+				if res.StatusCode != 202 {
+					t.Fatalf("%s: %d %s", path, res.StatusCode, res.body)
+				}
+				m := r.mustCompleteAuth(res.Header.Get("Content-Location"), tok)
+				got := map[string]bool{}
+				for typ, ids := range r.idsAuth(m, tok) {
+					for _, id := range ids {
+						got[typ+"/"+id] = true
+					}
+				}
+				want := map[string]bool{}
+				for _, ref := range all {
+					if visible(ref) {
+						want[ref] = true
+					}
+				}
+				if path != "/$export" {
+					// Patient level: outside the compartment, only what the patients' data references.
+					for ref := range got {
+						if d.tenant[ref] == "" {
+							t.Errorf("%s: %s exported, which is not in the data", path, ref)
+						}
+					}
+					for ref := range want {
+						if !got[ref] && !inCompartmentType(ref) {
+							delete(want, ref)
+						}
+					}
+				}
+				if diff := diffRefs(got, want); diff != "" {
+					t.Errorf("%s: %s", path, diff)
+				}
+			}
+		})
+	}
+}
+
+// searchAll runs a search and follows its next links; it returns type/id of
+// every entry and the status of the first page that was not 200 (or 200).
+func searchAll(t *testing.T, r *authRig, path string, auth []string) (map[string]bool, int) {
+	t.Helper()
+	got := map[string]bool{}
+	next := r.base + path
+	for pages := 0; next != ""; pages++ {
+		if pages > 200 {
+			t.Fatalf("%s: more than 200 pages", path)
+		}
+		res := r.do("GET", next, nil, auth...)
+		if res.StatusCode != 200 {
+			return got, res.StatusCode
+		}
+		var b struct {
+			Link  []struct{ Relation, URL string }
+			Entry []struct {
+				Resource struct{ ResourceType, ID string }
+			}
+		}
+		if err := json.Unmarshal(res.body, &b); err != nil {
+			t.Fatalf("%s: %v", next, err)
+		}
+		for _, e := range b.Entry {
+			ref := e.Resource.ResourceType + "/" + e.Resource.ID
+			if got[ref] {
+				t.Errorf("%s: %s on two pages", path, ref)
+			}
+			got[ref] = true
+		}
+		next = ""
+		for _, l := range b.Link {
+			if l.Relation == "next" {
+				next = l.URL
+			}
+		}
+	}
+	return got, 200
+}
+
+// inCompartmentType reports whether ref's type is in the R4 Patient
+// compartment (so a Patient-level export must hold every visible one).
+func inCompartmentType(ref string) bool {
+	typ, _, _ := strings.Cut(ref, "/")
+	return fhir.R4().InCompartment(typ)
+}
