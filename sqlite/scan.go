@@ -72,7 +72,9 @@ func (db *DB) scanRange(ctx context.Context, q kiln.ScanQuery, fn func([]byte) e
 	w := windowOf(q)
 	acc, accArgs := accessCond(q.AccessCodes, "r.rid")
 	cur := q.From
-	if cur.LastUpdated < w.since {
+	// A range may start inside the millisecond _since names: _since is
+	// exclusive, so the scan starts after all of it.
+	if cur.LastUpdated <= w.since {
 		cur = kiln.Cursor{LastUpdated: w.since, Row: math.MaxInt64}
 	}
 	hi := kiln.Cursor{LastUpdated: w.until, Row: math.MaxInt64}

@@ -433,6 +433,26 @@ func testSplit(t *testing.T, s Store) {
 	if len(all) != 25 || len(slices.Compact(all)) != 25 {
 		t.Fatalf("ranges covered %d rows: %v", len(all), all)
 	}
+	// _since is exclusive in every range, also in one that starts inside
+	// the millisecond _since names (the first write's 10 rows share it).
+	first, err := s.Read(ctx, "Patient", "p01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	from = kiln.Cursor{}
+	var after []string
+	for _, b := range append(bounds, kiln.Cursor{}) {
+		after = append(after, scanIDs(t, s, kiln.ScanQuery{Type: "Patient", Snapshot: snap, Since: first.LastUpdated, From: from, To: b, Batch: 3})...)
+		from = b
+	}
+	for _, id := range after {
+		if r, _ := s.Read(ctx, "Patient", id); r != nil && !r.LastUpdated.After(first.LastUpdated) {
+			t.Fatalf("_since=%s exported %s, stamped at it", first.LastUpdated, id)
+		}
+	}
+	if len(after) != 15 {
+		t.Fatalf("_since the first write's millisecond: %d rows, want the second write's 15", len(after))
+	}
 }
 
 func testDeletions(t *testing.T, s Store) {
