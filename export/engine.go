@@ -234,14 +234,16 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 		}
 	}
 	if err := s.jobs.CreateJob(ctx, job, units, lim); err != nil {
+		if req.Level != kiln.LevelSystem {
+			// The patients were stored first: take them away again, even
+			// when the client has gone.
+			if derr := s.jobs.DeleteJob(context.WithoutCancel(ctx), job.ID); derr != nil {
+				s.log.Warn("remove the patients of an export not stored", "job", job.ID, "err", derr)
+			}
+		}
 		var le *kiln.LimitError
 		if errors.As(err, &le) {
 			// Another kick-off took the last place since the first check.
-			if req.Level != kiln.LevelSystem {
-				if derr := s.jobs.DeleteJob(ctx, job.ID); derr != nil {
-					s.log.Warn("remove the patients of a refused export", "job", job.ID, "err", derr)
-				}
-			}
 			return nil, throttled(le)
 		}
 		return nil, err
@@ -644,23 +646,27 @@ func (s *Service) heartbeat(ctx context.Context, u *kiln.Unit, lost, gone func()
 	})
 }
 
+// recover finishes the running jobs whose units are all done. One job that
+// cannot be finished does not hold up the others: their errors are joined.
 func (s *Service) recover(ctx context.Context) error {
 	jobs, err := s.jobs.Jobs(ctx, kiln.JobAccepted, kiln.JobInProgress)
 	if err != nil {
 		return err
 	}
+	var errs []error
 	for _, j := range jobs {
-		total, done, err := s.jobs.UnitCounts(ctx, j.ID)
-		if err != nil {
-			return err
+		if ctx.Err() != nil {
+			break
 		}
-		if total == done {
-			if err := s.finalize(ctx, j.ID); err != nil {
-				return err
-			}
+		total, done, err := s.jobs.UnitCounts(ctx, j.ID)
+		if err == nil && total == done {
+			err = s.finalize(ctx, j.ID)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("export %s: %w", j.ID, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (s *Service) work(ctx context.Context, worker int) {

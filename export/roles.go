@@ -105,22 +105,36 @@ func (s *Service) Coordinate(ctx context.Context) error {
 			s.log.Warn("resign export coordination", "err", err)
 		}
 	}()
+	// renewed is when the lease was last taken or renewed, on this
+	// process's own clock: a renewal that hangs (a full connection pool, a
+	// half-dead network) must not keep maintenance going past the lease.
+	var renewed time.Time
 	try := func() {
-		held, err := el.Lead(ctx, coordinatorRole, s.holder, s.cfg.LeaderLease)
+		lctx, cancel := context.WithTimeout(ctx, s.cfg.LeaderLease/3)
+		asked := time.Now()
+		held, err := el.Lead(lctx, coordinatorRole, s.holder, s.cfg.LeaderLease)
+		cancel()
+		if ctx.Err() != nil {
+			return // shutting down: the deferred stand-down and resign follow
+		}
 		if err != nil {
-			if ctx.Err() == nil {
-				s.log.Warn("export coordinator election", "err", err)
-			}
+			s.log.Warn("export coordinator election", "err", err)
 			// Unsure whether the lease still holds: stand down before it
 			// can run out under us, rather than risk two coordinators.
 			held = false
+		}
+		if held {
+			renewed = asked
 		}
 		switch {
 		case held && stop == nil:
 			s.log.Info("leading export coordination", "holder", s.holder)
 			lead()
 		case !held && stop != nil:
-			s.log.Warn("export coordination lost to another process", "holder", s.holder)
+			s.log.Warn("export coordination given up", "holder", s.holder, "renewed", time.Since(renewed).Round(time.Millisecond))
+			standDown()
+		case stop != nil && time.Since(renewed) > s.cfg.LeaderLease*2/3:
+			s.log.Warn("export coordination renewal overdue; standing down", "holder", s.holder)
 			standDown()
 		}
 	}
@@ -152,11 +166,10 @@ func (s *Service) MaintenancePasses() int64 { return s.maintained.Load() }
 
 // maintain runs the coordinator's loops until ctx ends.
 func (s *Service) maintain(ctx context.Context) error {
-	if err := s.recover(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
+	// A job that cannot be finished must not keep the rest of maintenance
+	// from starting: recover logs it, and the loops below retry it.
+	if err := s.recover(ctx); err != nil && ctx.Err() == nil {
+		s.log.Error("finish exports whose units are all done", "err", err)
 	}
 	s.maintained.Add(1)
 	var wg sync.WaitGroup

@@ -274,3 +274,34 @@ func TestCancelledUnitElsewhereRemovesItsFiles(t *testing.T) {
 		t.Fatalf("files of the cancelled job left in the sink: %v", left)
 	}
 }
+
+// TestBlockOverTheBufferStartsItsOwnFile (review finding): a block that
+// outgrows the memory buffer but fits in a file is not split across the
+// current file and the next: it starts a file of its own.
+func TestBlockOverTheBufferStartsItsOwnFile(t *testing.T) {
+	_, sink := openStore(t, t.TempDir())
+	w := &partWriter{ctx: context.Background(), sink: sink, job: "j", prefix: "000000-a1-", maxCount: 1000, maxBytes: 10_000,
+		open: map[string]*openPart{}, blockBuffer: 1000}
+	line := []byte(`{"resourceType":"Observation","id":"` + strings.Repeat("x", 90) + `"}`) // ~130 bytes
+	block := func(n int) {
+		t.Helper()
+		w.beginBlock(blockHeader("p"))
+		for range n {
+			if err := w.blockLine(line); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := w.endBlock(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	block(50) // ~6.5 kB, held, in the first file
+	block(30) // ~4 kB: over the 1 kB buffer, fits a file, not beside the first block
+	parts, err := w.close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(parts) != 2 || parts[0].Continues || parts[1].Continues || parts[0].Count != 51 || parts[1].Count != 31 {
+		t.Fatalf("parts %+v: want each block whole in a file of its own", parts)
+	}
+}

@@ -247,6 +247,8 @@ type partWriter struct {
 	done     []kiln.Part
 	n        int
 	blk      *block // the resource block being written (organizeOutputBy)
+	// blockBuffer bounds a held block (maxBlockBuffer when 0; tests lower it).
+	blockBuffer int64
 }
 
 var newline = []byte{'\n'}
@@ -339,8 +341,12 @@ func (w *partWriter) blockLine(line []byte) error {
 	}
 	b.lines = append(b.lines, bytes.Clone(line))
 	b.size += int64(len(line)) + 1
-	if b.size > min(w.maxBytes, maxBlockBuffer) {
-		return w.flushBlock()
+	limit := w.blockBuffer
+	if limit <= 0 {
+		limit = maxBlockBuffer
+	}
+	if b.size > min(w.maxBytes, limit) {
+		return w.flushBlock(true)
 	}
 	return nil
 }
@@ -349,16 +355,18 @@ func (w *partWriter) blockLine(line []byte) error {
 func (w *partWriter) endBlock() error {
 	defer func() { w.blk = nil }()
 	if b := w.blk; !b.flushed && len(b.lines) > 0 {
-		return w.flushBlock()
+		return w.flushBlock(false)
 	}
 	return nil
 }
 
 // flushBlock writes the buffered block, in a new file when the current one
-// cannot hold it whole.
-func (w *partWriter) flushBlock() error {
+// cannot hold it whole. Early (the block outgrew the buffer before its end)
+// its size is not known yet, so it always starts a file of its own: then it
+// is split only if it is larger than a whole file.
+func (w *partWriter) flushBlock(early bool) error {
 	b := w.blk
-	if p := w.open[blockKey]; p != nil && p.part.Count > 0 && (p.part.Count+int64(len(b.lines))+1 > w.maxCount || p.part.Bytes+b.size > w.maxBytes) {
+	if p := w.open[blockKey]; p != nil && p.part.Count > 0 && (early || p.part.Count+int64(len(b.lines))+1 > w.maxCount || p.part.Bytes+b.size > w.maxBytes) {
 		if err := w.roll(blockKey); err != nil {
 			return err
 		}

@@ -217,8 +217,10 @@ func (l *Launcher) Launch(ctx context.Context, j *kiln.Job) error {
 		return nil
 	case apierrors.IsForbidden(err) && strings.Contains(err.Error(), "exceeded quota"):
 		return &kiln.Error{Code: kiln.ETHROTTLED, Message: "namespace quota exceeded: " + err.Error()}
-	case apierrors.IsForbidden(err):
-		// No retry helps: the launcher's account lacks a permission.
+	case apierrors.IsForbidden(err) && strings.Contains(err.Error(), "cannot create resource"):
+		// An RBAC denial: no retry helps, the launcher's account lacks a
+		// permission. Other 403s (admission, a terminating namespace) are
+		// retried like any launch failure.
 		return &kiln.Error{Code: kiln.EFORBIDDEN, Message: fmt.Sprintf("Kiln may not create its export Job in namespace %s (%s); its Role needs create, get, list, watch and delete on batch jobs (deploy/kubernetes/role.yaml)", l.cfg.Namespace, err.Error())}
 	}
 	return fmt.Errorf("k8s: create Job %s: %w", spec.Name, err)

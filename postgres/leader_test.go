@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -150,4 +151,36 @@ func TestAnotherProcessLeavesRunningUnits(t *testing.T) {
 	if c, err := db.HeartbeatUnit(ctx, u, time.Minute); c != kiln.ClaimHeld || err != nil {
 		t.Fatalf("the running process's claim after another started: %v %v", c, err)
 	}
+}
+
+// hanging is a store whose lease renewals hang once hang is set (a full
+// connection pool, a half-dead network).
+type hanging struct {
+	*postgres.DB
+	hang atomic.Bool
+}
+
+func (h *hanging) Lead(ctx context.Context, name, holder string, ttl time.Duration) (bool, error) {
+	if h.hang.Load() {
+		<-ctx.Done()
+		return false, ctx.Err()
+	}
+	return h.DB.Lead(ctx, name, holder, ttl)
+}
+
+// TestHangingRenewalStandsDown (review finding): a coordinator whose lease
+// renewal hangs stops maintaining before its lease can run out, so that the
+// server taking over is never a second coordinator.
+func TestHangingRenewalStandsDown(t *testing.T) {
+	db := openSchema(t)
+	sink, _ := localfs.New(filepath.Join(t.TempDir(), "exports"))
+	h := &hanging{DB: db}
+	svc := export.New(db, h, sink, export.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Lease: 400 * time.Millisecond, LeaderLease: 600 * time.Millisecond})
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); svc.Coordinate(ctx) }()
+	t.Cleanup(func() { stop(); <-done })
+	eventually(t, 5*time.Second, "leads", svc.Leading)
+	h.hang.Store(true)
+	eventually(t, 5*time.Second, "stands down while renewals hang", func() bool { return !svc.Leading() })
 }
