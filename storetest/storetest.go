@@ -26,6 +26,8 @@ type Store interface {
 	kiln.ClientStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
+	// SetClock pins the lastUpdated clock (a nil func is not allowed).
+	SetClock(func() time.Time)
 }
 
 // Run runs the contract against stores made by open; each subtest gets a new, empty one.
@@ -412,8 +414,14 @@ func testSplit(t *testing.T, s Store) {
 	for i := range 25 {
 		ws = append(ws, Put(t, patient(fmt.Sprintf("p%02d", i))))
 	}
+	// Two writes in two milliseconds of a pinned clock (a fast machine
+	// would otherwise put both in one).
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	s.SetClock(func() time.Time { return t0 })
 	write(t, s, ws[:10]...)
+	s.SetClock(func() time.Time { return t0.Add(5 * time.Millisecond) })
 	write(t, s, ws[10:]...)
+	s.SetClock(time.Now)
 	snap, _ := s.SnapshotTime(ctx)
 	bounds, err := s.SplitType(ctx, "Patient", snap, 7)
 	if err != nil {
