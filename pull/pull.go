@@ -5,7 +5,6 @@
 package pull
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -17,10 +16,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -41,6 +38,10 @@ type Request struct {
 	Post bool
 	// IncludeAssociatedData values (includeAssociatedData).
 	IncludeAssociatedData []string
+	// Incremental marks a --since-last run, recorded in the folder's state
+	// with the kick-off itself so that a crash right after cannot turn it
+	// into a full pull on --resume.
+	Incremental bool `json:"incremental,omitempty"`
 }
 
 // parametersBody is the FHIR Parameters resource for a POST kick-off,
@@ -95,6 +96,12 @@ type Options struct {
 	MaxWait    time.Duration
 	// Sleep waits between attempts (tests inject one; default a timer that honours ctx).
 	Sleep func(ctx context.Context, d time.Duration) error
+	// AllowPartial commits an export whose error files report failures
+	// (severity error or fatal); without it such a run stays uncommitted.
+	AllowPartial bool
+	// Failpoint, when set, is called at each named step of a pull (see
+	// the Step constants); the crash tests kill the process there.
+	Failpoint func(Step)
 }
 
 // State is what a pull remembers in its folder, so that it can resume.
@@ -109,16 +116,6 @@ type State struct {
 	// earlier runs' files before its manifest becomes the folder's watermark,
 	// also when the run is finished by --resume.
 	Incremental bool `json:"incremental,omitempty"`
-}
-
-// pendingManifest holds the server's manifest until every file is verified
-// (and an increment applied): manifest.json, whose transactionTime is the
-// --since-last watermark, must never come from an unfinished run.
-const pendingManifest = ".kiln-pull-manifest.json"
-
-// CommitManifest makes the run's manifest the folder's manifest.json.
-func (c *Client) CommitManifest() error {
-	return os.Rename(filepath.Join(c.opt.Out, pendingManifest), filepath.Join(c.opt.Out, "manifest.json"))
 }
 
 // Unfinished reports whether dir holds a pull that has not completed.
@@ -139,6 +136,9 @@ type Manifest struct {
 	Output              []File `json:"output"`
 	Deleted             []File `json:"deleted"`
 	Error               []File `json:"error"`
+	// raw is the server's manifest as sent: the local manifest.json keeps
+	// every field of it and adds the folder's file list.
+	raw []byte
 }
 
 // File is one manifest entry.
@@ -156,6 +156,10 @@ type Result struct {
 	Bytes     int64
 	Deleted   int
 	Errors    int
+	// Issues are the OperationOutcome issues of the error files.
+	Issues []Issue
+	// Increment is what an incremental run changed in the folder.
+	Increment Increment
 }
 
 const stateFile = ".kiln-pull.json"
@@ -270,10 +274,11 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 		return nil, errors.New("kick-off: 202 without Content-Location")
 	}
 	now := time.Now().UTC()
-	st := &State{Request: req, StatusURL: loc, Started: now, RunID: newRunID(c.opt.Out, now)}
+	st := &State{Request: req, StatusURL: loc, Started: now, RunID: newRunID(c.opt.Out, now), Incremental: req.Incremental}
 	if err := c.save(st); err != nil {
 		return nil, err
 	}
+	c.failpoint(StepKickedOff)
 	c.say("export started: %s", loc)
 	return st, nil
 }
@@ -297,10 +302,7 @@ func (c *Client) Save(st *State) error { return c.save(st) }
 func (c *Client) save(st *State) error {
 	b, _ := json.MarshalIndent(st, "", "  ")
 	tmp := filepath.Join(c.opt.Out, stateFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(c.opt.Out, stateFile))
+	return writeAtomic(tmp, filepath.Join(c.opt.Out, stateFile), b)
 }
 
 // Cancel asks the server to cancel (or forget) the export.
@@ -323,7 +325,13 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 	backoff := time.Second
 	fails := 0
 	for {
-		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, true, func(r *http.Request) { r.Header.Set("Accept", "application/json") })
+		c.failpoint(StepPoll)
+		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, true, func(r *http.Request) {
+			r.Header.Set("Accept", "application/json")
+			// RFC 7240: a server that supports it answers as soon as the
+			// export ends, within the wait, instead of a poll interval later.
+			r.Header.Set("Prefer", "wait=10")
+		})
 		if err != nil {
 			return nil, err
 		}
@@ -335,9 +343,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 			if err := json.Unmarshal(body, &m); err != nil {
 				return nil, fmt.Errorf("manifest is not JSON: %w", err)
 			}
-			if err := os.WriteFile(filepath.Join(c.opt.Out, pendingManifest), body, 0o644); err != nil {
-				return nil, err
-			}
+			m.raw = body
 			return &m, nil
 		case res.StatusCode == http.StatusAccepted || res.StatusCode == http.StatusTooManyRequests:
 			fails = 0
@@ -354,8 +360,12 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 			if fails > c.opt.MaxRetries {
 				return nil, fmt.Errorf("status: %d server errors in a row, last %s", fails, describeBody(res.StatusCode, body))
 			}
-			c.say("status: server error %d; retrying", res.StatusCode)
-			if err := sleep(ctx, jitter(time.Duration(fails)*time.Second)); err != nil {
+			wait, ok := retryAfter(res.Header.Get("Retry-After"))
+			if !ok {
+				wait = jitter(time.Duration(fails) * time.Second)
+			}
+			c.say("status: server error %d; retrying in %s", res.StatusCode, min(wait, c.opt.MaxWait))
+			if err := c.opt.Sleep(ctx, min(wait, c.opt.MaxWait)); err != nil {
 				return nil, err
 			}
 		default:
@@ -383,194 +393,11 @@ func isFailedExport(body []byte) bool {
 	return true
 }
 
-// Download fetches every file of the manifest into the output folder in
-// parallel, skipping files an interrupted run already completed, and verifies them.
-func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result, error) {
-	type job struct {
-		f    File
-		kind string
-		name string
-	}
-	var jobs []job
-	seq := map[string]int{}
-	add := func(files []File, kind string) {
-		for _, f := range files {
-			key := kind + "/" + f.Type
-			seq[key]++
-			name := fmt.Sprintf("%s.%s.%03d.ndjson", f.Type, st.RunID, seq[key])
-			switch kind {
-			case "deleted":
-				name = fmt.Sprintf("deleted.%s.%03d.ndjson", st.RunID, seq[key])
-			case "error":
-				name = fmt.Sprintf("error.%s.%03d.ndjson", st.RunID, seq[key])
-			}
-			jobs = append(jobs, job{f: f, kind: kind, name: name})
-		}
-	}
-	add(m.Output, "output")
-	add(m.Deleted, "deleted")
-	add(m.Error, "error")
-	res := &Result{Manifest: m}
-	var mu sync.Mutex
-	var firstErr error
-	work := make(chan job)
-	var wg sync.WaitGroup
-	for range c.opt.Parallel {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range work {
-				lines, size, err := c.fetch(ctx, m, j.f, j.kind, filepath.Join(c.opt.Out, j.name))
-				mu.Lock()
-				if err != nil {
-					if firstErr == nil {
-						firstErr = fmt.Errorf("%s: %w", j.name, err)
-					}
-					os.Remove(filepath.Join(c.opt.Out, j.name+".part"))
-					mu.Unlock()
-					continue // a failed file is not counted as downloaded
-				}
-				res.Files++
-				res.Bytes += size
-				switch j.kind {
-				case "output":
-					res.Resources += lines
-				case "deleted":
-					res.Deleted += int(lines)
-				case "error":
-					res.Errors += int(lines)
-				}
-				c.say("downloaded %d/%d files, %.1f MB", res.Files, len(jobs), float64(res.Bytes)/1e6)
-				mu.Unlock()
-			}
-		}()
-	}
-	for _, j := range jobs {
-		select {
-		case work <- j:
-		case <-ctx.Done():
-		}
-	}
-	close(work)
-	wg.Wait()
-	if err := ctx.Err(); err != nil {
-		return res, err
-	}
-	if firstErr != nil {
-		return res, firstErr
-	}
-	if !st.Incremental {
-		if err := c.CommitManifest(); err != nil {
-			return res, err
-		}
-	}
-	st.Completed = true
-	return res, c.save(st)
-}
-
-// fetch downloads one file (unless a verified copy exists), retrying
-// transient failures and truncated bodies, and verifies it.
-func (c *Client) fetch(ctx context.Context, m *Manifest, f File, kind, path string) (int64, int64, error) {
-	if lines, size, err := verify(path, f, kind); err == nil {
-		return lines, size, nil // done by an earlier, interrupted run
-	}
-	var lastErr error
-	for attempt := 0; attempt <= c.opt.MaxRetries; attempt++ {
-		if attempt > 0 {
-			if err := sleep(ctx, jitter(time.Duration(attempt)*500*time.Millisecond)); err != nil {
-				return 0, 0, err
-			}
-		}
-		res, err := c.do(ctx, http.MethodGet, f.URL, nil, m.RequiresAccessToken, func(r *http.Request) { r.Header.Set("Accept", "application/fhir+ndjson") })
-		if err != nil {
-			lastErr = err
-			continue
-		}
-		if res.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
-			res.Body.Close()
-			lastErr = errors.New(describeBody(res.StatusCode, b))
-			if res.StatusCode < 500 && res.StatusCode != http.StatusTooManyRequests {
-				return 0, 0, lastErr
-			}
-			continue
-		}
-		tmp := path + ".part"
-		out, err := os.Create(tmp)
-		if err != nil {
-			res.Body.Close()
-			return 0, 0, err
-		}
-		_, err = io.Copy(out, res.Body)
-		res.Body.Close()
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			lastErr = fmt.Errorf("download broke off: %w", err)
-			continue
-		}
-		lines, size, err := verify(tmp, f, kind)
-		if err != nil {
-			lastErr = err
-			continue
-		}
-		if err := os.Rename(tmp, path); err != nil {
-			return 0, 0, err
-		}
-		return lines, size, nil
-	}
-	return 0, 0, fmt.Errorf("gave up after %d attempts: %w", c.opt.MaxRetries+1, lastErr)
-}
-
-// verify checks a downloaded file: every line parses, has the manifest's
-// resourceType, and the line count equals the manifest's count.
-func verify(path string, f File, kind string) (int64, int64, error) {
-	fh, err := os.Open(path)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer fh.Close()
-	want := f.Type
-	if kind == "deleted" && want == "" {
-		want = "Bundle"
-	}
-	sc := bufio.NewScanner(fh)
-	sc.Buffer(make([]byte, 1<<20), 256<<20)
-	var lines, size int64
-	for sc.Scan() {
-		line := bytes.TrimSpace(sc.Bytes())
-		size += int64(len(sc.Bytes())) + 1
-		if len(line) == 0 {
-			continue
-		}
-		lines++
-		var r struct {
-			ResourceType string `json:"resourceType"`
-		}
-		if err := json.Unmarshal(line, &r); err != nil {
-			return 0, 0, fmt.Errorf("line %d is not JSON (truncated file?): %v", lines, err)
-		}
-		if want != "" && r.ResourceType != want {
-			return 0, 0, fmt.Errorf("line %d is a %s in a %s file", lines, r.ResourceType, want)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, 0, err
-	}
-	// An error file's count is informative: a wrong one must not fail the
-	// pull (the lines are still read and shown); the caller warns.
-	if f.Count != nil && int64(*f.Count) != lines && kind != "error" {
-		return 0, 0, fmt.Errorf("%d lines, the manifest says %d (truncated file?)", lines, *f.Count)
-	}
-	return lines, size, nil
-}
-
 func (c *Client) do(ctx context.Context, method, u string, body []byte, withToken bool, edit func(*http.Request)) (*http.Response, error) {
 	var lastErr error
 	for attempt := 0; attempt <= c.opt.MaxRetries; attempt++ {
 		if attempt > 0 {
-			if err := sleep(ctx, jitter(time.Duration(attempt)*500*time.Millisecond)); err != nil {
+			if err := c.opt.Sleep(ctx, jitter(time.Duration(attempt)*500*time.Millisecond)); err != nil {
 				return nil, err
 			}
 		}
@@ -607,55 +434,6 @@ func (c *Client) do(ctx context.Context, method, u string, body []byte, withToke
 	return nil, fmt.Errorf("%s %s: %w", method, u, lastErr)
 }
 
-// ApplyIncrement brings the local copy of an earlier pull up to date: lines of
-// resources that this run deleted or exported again are removed from earlier runs' files.
-func ApplyIncrement(dir, runID string, deleted, updated map[string]bool) (int, error) {
-	files, err := filepath.Glob(filepath.Join(dir, "*.ndjson"))
-	if err != nil {
-		return 0, err
-	}
-	removed := 0
-	for _, path := range files {
-		base := filepath.Base(path)
-		if strings.Contains(base, "."+runID+".") || strings.HasPrefix(base, "deleted.") || strings.HasPrefix(base, "error.") {
-			continue
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return removed, err
-		}
-		var kept [][]byte
-		changed := false
-		for _, line := range bytes.Split(b, []byte("\n")) {
-			if len(bytes.TrimSpace(line)) == 0 {
-				continue
-			}
-			var r struct{ ResourceType, ID string }
-			json.Unmarshal(line, &r)
-			key := r.ResourceType + "/" + r.ID
-			if deleted[key] || updated[key] {
-				removed++
-				changed = true
-				continue
-			}
-			kept = append(kept, line)
-		}
-		if changed {
-			out := bytes.Join(kept, []byte("\n"))
-			if len(out) > 0 {
-				out = append(out, '\n')
-			}
-			if err := os.WriteFile(path+".tmp", out, 0o644); err != nil {
-				return removed, err
-			}
-			if err := os.Rename(path+".tmp", path); err != nil {
-				return removed, err
-			}
-		}
-	}
-	return removed, nil
-}
-
 // newRunID names a run by its start (to the second, as file names show it),
 // with -2, -3, … when the folder already holds files of a run started in the
 // same second: two runs must never write the same file names.
@@ -668,46 +446,6 @@ func newRunID(dir string, now time.Time) string {
 		}
 		id = fmt.Sprintf("%s-%d", base, n)
 	}
-}
-
-// RunIDs reads the ids of resources in this run's output and deleted files.
-func RunIDs(dir, runID string) (deleted, updated map[string]bool, err error) {
-	deleted, updated = map[string]bool{}, map[string]bool{}
-	files, _ := filepath.Glob(filepath.Join(dir, "*."+runID+".*.ndjson"))
-	sort.Strings(files)
-	for _, path := range files {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return nil, nil, err
-		}
-		isDeleted := strings.HasPrefix(filepath.Base(path), "deleted.")
-		for _, line := range bytes.Split(b, []byte("\n")) {
-			if len(bytes.TrimSpace(line)) == 0 {
-				continue
-			}
-			if isDeleted {
-				var bundle struct {
-					Entry []struct {
-						Request struct{ Method, URL string }
-					}
-				}
-				json.Unmarshal(line, &bundle)
-				for _, e := range bundle.Entry {
-					if e.Request.Method == "DELETE" {
-						deleted[strings.TrimPrefix(e.Request.URL, "/")] = true
-					}
-				}
-				continue
-			}
-			if strings.HasPrefix(filepath.Base(path), "error.") {
-				continue
-			}
-			var r struct{ ResourceType, ID string }
-			json.Unmarshal(line, &r)
-			updated[r.ResourceType+"/"+r.ID] = true
-		}
-	}
-	return deleted, updated, nil
 }
 
 // PreviousTransactionTime reads the transactionTime of the last completed

@@ -274,17 +274,12 @@ func TestIncrementalPullAppliesDeletes(t *testing.T) {
 	}
 	time.Sleep(5 * time.Millisecond)
 	c := pull.New(pull.Options{Out: dir})
-	res := pullAll(t, c, pull.Request{Server: s.base, Types: []string{"Patient", "Condition"}, Since: since})
+	res := pullAll(t, c, pull.Request{Server: s.base, Types: []string{"Patient", "Condition"}, Since: since, Incremental: true})
 	if res.Deleted != 1 || res.Resources != 1 {
 		t.Fatalf("increment: %d deletions, %d resources", res.Deleted, res.Resources)
 	}
-	st, _ := c.Resume()
-	deleted, updated, err := pull.RunIDs(dir, st.RunID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := pull.ApplyIncrement(dir, st.RunID, deleted, updated); err != nil {
-		t.Fatal(err)
+	if res.Increment != (pull.Increment{Deleted: 1, Updated: 1, Removed: 2}) {
+		t.Errorf("increment applied: %+v, want 1 deleted, 1 updated, 2 older lines removed", res.Increment)
 	}
 	after := local(t, dir)
 	if after["Condition"] != before["Condition"]-1 || after["Patient"] != before["Patient"] {
@@ -337,7 +332,9 @@ func TestPullAgainstAMisbehavingServer(t *testing.T) {
 	defer srv.Close()
 	dir := t.TempDir()
 	var said []string
-	c := pull.New(pull.Options{Out: dir, MaxRetries: 3, Progress: func(s string) { said = append(said, s) }})
+	var mu sync.Mutex
+	c := pull.New(pull.Options{Out: dir, MaxRetries: 3, Progress: func(s string) { mu.Lock(); said = append(said, s); mu.Unlock() },
+		Sleep: func(context.Context, time.Duration) error { return nil }})
 	st, err := c.Start(context.Background(), pull.Request{Server: srv.URL + "/fhir"})
 	if err != nil {
 		t.Fatal(err)
@@ -353,9 +350,17 @@ func TestPullAgainstAMisbehavingServer(t *testing.T) {
 	if gets.Load() < 2 {
 		t.Error("the truncated good file was not fetched again")
 	}
-	good, _ := filepath.Glob(filepath.Join(dir, "Patient.*.001.ndjson"))
+	// The good file waits, verified, in the staging folder for a --resume;
+	// nothing of the failed run is in the folder itself.
+	good, _ := filepath.Glob(filepath.Join(dir, ".kiln-pull-staging", "Patient.*.001.ndjson"))
 	if len(good) != 1 {
 		t.Fatalf("the good file was not kept: %v", good)
+	}
+	if run, _ := filepath.Glob(filepath.Join(dir, "*.ndjson")); len(run) != 0 {
+		t.Fatalf("files of a failed run in the folder: %v", run)
+	}
+	if parts, _ := filepath.Glob(filepath.Join(dir, ".kiln-pull-staging", "*.part")); len(parts) != 0 {
+		t.Fatalf(".part files left behind: %v", parts)
 	}
 	if !strings.Contains(strings.Join(said, "\n"), "server error 500") {
 		t.Errorf("no word of the 500s: %v", said)
