@@ -33,14 +33,14 @@ const (
 type Step string
 
 const (
-	StepKickedOff  Step = "kicked-off"  // the state file names the server's export
-	StepPoll       Step = "poll"        // before each status request
-	StepFileBody   Step = "file-body"   // part of a file's body is on disk
-	StepFileDone   Step = "file-done"   // a file is verified in the staging folder
-	StepVerified   Step = "verified"    // every file is verified; nothing committed yet
-	StepApplied    Step = "applied"     // an earlier file was rewritten for the increment
-	StepMoved      Step = "moved"       // a staged file was moved into the folder
-	StepManifested Step = "manifested"  // manifest.json is the new run's; the state is not yet completed
+	StepKickedOff  Step = "kicked-off" // the state file names the server's export
+	StepPoll       Step = "poll"       // before each status request
+	StepFileBody   Step = "file-body"  // part of a file's body is on disk
+	StepFileDone   Step = "file-done"  // a file is verified in the staging folder
+	StepVerified   Step = "verified"   // every file is verified; nothing committed yet
+	StepApplied    Step = "applied"    // an earlier file was rewritten for the increment
+	StepMoved      Step = "moved"      // a staged file was moved into the folder
+	StepManifested Step = "manifested" // manifest.json is the new run's; the state is not yet completed
 )
 
 func (c *Client) failpoint(s Step) {
