@@ -103,16 +103,18 @@ func (f checked) local(mod time.Time) LocalFile {
 // to the folder (see commit). On any error nothing of the run is committed
 // and --resume continues it.
 func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result, error) {
-	if err := os.MkdirAll(c.staging(), 0o755); err != nil {
-		return nil, err
-	}
 	if done, err := c.committed(st); err != nil || done {
 		// A crash after the commit point: the folder is already the run's.
 		if err == nil {
 			st.Completed = true
-			err = c.save(st)
+			if err = c.save(st); err == nil {
+				err = os.RemoveAll(c.staging())
+			}
 		}
 		return &Result{Manifest: m}, err
+	}
+	if err := os.MkdirAll(c.staging(), 0o755); err != nil {
+		return nil, err
 	}
 	type job struct {
 		f    File

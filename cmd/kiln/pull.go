@@ -9,7 +9,10 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/term"
@@ -54,12 +57,17 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	resume := fs.String("resume", "", "continue the interrupted pull in this folder")
 	sinceLast := fs.String("since-last", "", "pull incrementally into this folder: _since its last transactionTime; deletions and new versions replace older lines")
 	cancelOnInterrupt := fs.Bool("cancel-on-interrupt", false, "on Ctrl-C, cancel the export without asking")
+	allowPartial := fs.Bool("allow-partial", false, "commit an export whose error files report failed outputs (exits non-zero otherwise, committing nothing)")
+	verifyDir := fs.String("verify", "", "check the pull folder DIR against its manifest.json (SHA-256, lines, types, no resource twice) and exit")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: kiln pull --server URL [flags]\n\nRuns a bulk export on any conformant server and downloads, verifies and saves the files.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err
+	}
+	if *verifyDir != "" {
+		return verifyFolder(*verifyDir, stdout)
 	}
 	tty := false
 	if f, ok := stderr.(*os.File); ok {
@@ -79,10 +87,15 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		dir = *sinceLast
 	}
 	httpc := &http.Client{}
-	opt := pull.Options{Out: dir, Parallel: *parallel, HTTP: httpc, Progress: progress}
+	var err error
+	opt := pull.Options{Out: dir, Parallel: *parallel, HTTP: httpc, Progress: progress, AllowPartial: *allowPartial}
+	if fp := os.Getenv("KILN_PULL_FAILPOINT"); fp != "" {
+		if opt.Failpoint, err = killAt(fp); err != nil {
+			return err
+		}
+	}
 	c := pull.New(opt)
 	var st *pull.State
-	var err error
 	if *resume != "" {
 		if st, err = c.Resume(); err != nil {
 			return err
@@ -137,46 +150,95 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			if req.Since, err = pull.PreviousTransactionTime(*sinceLast); err != nil {
 				return err
 			}
+			req.Incremental = true
 		}
 		if st, err = c.Start(ctx, req); err != nil {
 			return err
-		}
-		if *sinceLast != "" {
-			st.Incremental = true
-			if err := c.Save(st); err != nil {
-				return err
-			}
 		}
 	}
 	res, err := runPull(ctx, c, st)
 	if tty {
 		fmt.Fprintln(stderr)
 	}
+	hint := authHint(*token, *tokenFile, *clientID, *keyFile, *keyID, *tokenURL, *scope)
+	if res != nil {
+		// The server's own words on what it could not export, also when the
+		// pull fails for it.
+		for _, is := range res.Issues {
+			fmt.Fprintf(stderr, "server: %s: %s\n", is.File, is)
+		}
+	}
 	if err != nil {
-		if errors.Is(err, context.Canceled) {
-			return interrupted(c, st, dir, authHint(*token, *tokenFile, *clientID, *keyFile, *keyID, *tokenURL, *scope), *cancelOnInterrupt, tty, stderr)
+		var partial *pull.PartialError
+		switch {
+		case errors.Is(err, context.Canceled):
+			return interrupted(c, st, dir, hint, *cancelOnInterrupt, tty, stderr)
+		case errors.As(err, &partial):
+			return fmt.Errorf("%w; the files that did arrive are verified and kept: commit them with kiln pull --resume %s --allow-partial%s "+
+				"(a later --since-last then starts after this export: what failed is not fetched again)", err, dir, hint)
 		}
 		return err
 	}
 	if st.Incremental {
-		// Also on --resume of an interrupted --since-last pull: the increment
-		// is applied before manifest.json (the watermark) moves forward.
-		deleted, updated, err := pull.RunIDs(dir, st.RunID)
-		if err != nil {
-			return err
-		}
-		n, err := pull.ApplyIncrement(dir, st.RunID, deleted, updated)
-		if err != nil {
-			return err
-		}
-		if err := c.CommitManifest(); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "incremental: %d deletions and %d new versions applied (%d older lines removed)\n", len(deleted), len(updated), n)
+		fmt.Fprintf(stdout, "incremental: %d deletions and %d new versions applied (%d older lines removed)\n",
+			res.Increment.Deleted, res.Increment.Updated, res.Increment.Removed)
 	}
-	fmt.Fprintf(stdout, "pulled %d files into %s: %d resources, %d deletions, %d error lines, %.1f MB; transactionTime %s; all verified\n",
-		res.Files, dir, res.Resources, res.Deleted, res.Errors, float64(res.Bytes)/1e6, res.Manifest.TransactionTime)
+	verdict := "all verified"
+	if failed := countFailed(res.Issues); failed > 0 {
+		verdict = fmt.Sprintf("all verified, but the server reports %d failed outputs (--allow-partial)", failed)
+	}
+	fmt.Fprintf(stdout, "pulled %d files into %s: %d resources, %d deletions, %d error lines, %.1f MB; transactionTime %s; %s\n",
+		res.Files, dir, res.Resources, res.Deleted, res.Errors, float64(res.Bytes)/1e6, res.Manifest.TransactionTime, verdict)
 	return nil
+}
+
+func countFailed(issues []pull.Issue) int {
+	n := 0
+	for _, is := range issues {
+		if is.Failed() {
+			n++
+		}
+	}
+	return n
+}
+
+// verifyFolder is kiln pull --verify DIR.
+func verifyFolder(dir string, stdout io.Writer) error {
+	files, resources, problems, err := pull.VerifyFolder(dir)
+	if err != nil {
+		return err
+	}
+	for _, p := range problems {
+		fmt.Fprintln(stdout, p)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("%s: %d problems", dir, len(problems))
+	}
+	fmt.Fprintf(stdout, "%s: %d files, %d resources: every file matches its SHA-256 and line count, no resource twice\n", dir, files, resources)
+	return nil
+}
+
+// killAt is the crash tests' failpoint (KILN_PULL_FAILPOINT=step:n): the
+// process kills itself with SIGKILL the nth time it reaches the step, so
+// that nothing — no deferred call, no buffered write — runs after it.
+func killAt(spec string) (func(pull.Step), error) {
+	name, nth, ok := strings.Cut(spec, ":")
+	n, err := strconv.Atoi(nth)
+	if !ok || err != nil || n < 1 {
+		return nil, fmt.Errorf("KILN_PULL_FAILPOINT %q: want step:n", spec)
+	}
+	var mu sync.Mutex
+	return func(s pull.Step) {
+		if string(s) != name {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if n--; n == 0 {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}, nil
 }
 
 func runPull(ctx context.Context, c *pull.Client, st *pull.State) (*pull.Result, error) {
