@@ -46,3 +46,17 @@ func TestPullShowsServerErrorsAndNeedsAllowPartial(t *testing.T) {
 		t.Fatalf("--verify: exit %d\n%s\n%s", code, out, errOut)
 	}
 }
+
+// TestResumeHintRepeatsTheAuthFlags: the hint printed on an interrupted
+// pull names every authentication flag the resume needs (a token as TOKEN).
+func TestResumeHintRepeatsTheAuthFlags(t *testing.T) {
+	got := authHint("", "", "svc", "key.pem", "k1", "https://auth/token", "system/*.read")
+	for _, want := range []string{"--client-id svc", "--private-key key.pem", "--key-id k1", "--token-url https://auth/token", "--scope 'system/*.read'"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("hint %q lacks %q", got, want)
+		}
+	}
+	if got := authHint("secret", "", "", "", "", "", ""); got != " --token TOKEN" {
+		t.Errorf("token hint %q", got)
+	}
+}
