@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/internal/heappeak"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/sqlite"
 )
@@ -67,33 +67,12 @@ func (r *rig) put(t *testing.T, bodies ...string) {
 	}
 }
 
-// run exports and reads every file, returning lines and the peak Go heap
-// seen while the export ran.
+// run exports and reads every file, returning lines and a bound on the Go
+// heap's growth while the export ran (see heappeak).
 func (r *rig) run(t *testing.T, req *kiln.ExportRequest) (int64, uint64) {
 	t.Helper()
 	ctx := context.Background()
-	var peak uint64
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	runtime.GC()
-	var base runtime.MemStats
-	runtime.ReadMemStats(&base)
-	go func() {
-		defer wg.Done()
-		for {
-			var m runtime.MemStats
-			runtime.ReadMemStats(&m)
-			if m.HeapInuse > peak {
-				peak = m.HeapInuse
-			}
-			select {
-			case <-done:
-				return
-			case <-time.After(2 * time.Millisecond):
-			}
-		}
-	}()
+	w := heappeak.Start()
 	job, err := r.svc.Start(ctx, req, "t")
 	if err != nil {
 		t.Fatal(err)
@@ -128,12 +107,8 @@ func (r *rig) run(t *testing.T, req *kiln.ExportRequest) (int64, uint64) {
 		}
 		rc.Close()
 	}
-	close(done)
-	wg.Wait()
-	if peak < base.HeapInuse {
-		return lines, 0
-	}
-	return lines, peak - base.HeapInuse
+	growth, _ := w.Stop()
+	return lines, growth
 }
 
 func systemReq() *kiln.ExportRequest {

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,6 +25,7 @@ import (
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/ingest"
+	"github.com/kiln-fhir/kiln/internal/heappeak"
 	"github.com/kiln-fhir/kiln/localfs"
 	"github.com/kiln-fhir/kiln/s3"
 	"github.com/kiln-fhir/kiln/sinktest"
@@ -381,25 +381,7 @@ func TestUploadMemoryBounded(t *testing.T) {
 	}
 	line := []byte(`{"resourceType":"Basic","id":"x","text":"` + strings.Repeat("y", 950) + `"}` + "\n")
 	total := int64(mb) << 20
-	runtime.GC()
-	var before runtime.MemStats
-	runtime.ReadMemStats(&before)
-	var peak atomic.Uint64
-	stop := make(chan struct{})
-	go func() {
-		for {
-			var m runtime.MemStats
-			runtime.ReadMemStats(&m)
-			if m.HeapInuse > peak.Load() {
-				peak.Store(m.HeapInuse)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-		}
-	}()
+	watch := heappeak.Start()
 	start := time.Now()
 	w, _ := sink.Create(ctx, "big", "000000-output-Basic-001.ndjson", kiln.WriteOptions{PartSize: 5 << 20})
 	for written := int64(0); written < total; written += int64(len(line)) {
@@ -410,8 +392,7 @@ func TestUploadMemoryBounded(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	close(stop)
-	growth := int64(peak.Load()) - int64(before.HeapInuse)
+	growth, _ := watch.Stop()
 	t.Logf("%d MB in 5 MiB parts: %.1fs, peak heap growth %.1f MB, process peak RSS %s", mb, time.Since(start).Seconds(), float64(growth)/1e6, vmHWM())
 	if growth > 48<<20 {
 		t.Fatalf("heap grew %d MB for a %d MB object: not bounded by the part size", growth>>20, mb)
