@@ -183,6 +183,10 @@ type JobSettings struct {
 	// Bases are the server's own base URLs: absolute references under them
 	// are to this server's resources.
 	Bases []string `json:"bases,omitempty"`
+	// Sink is where the job's files are (a LocatedSink's Location, e.g.
+	// s3://bucket/prefix): a worker whose sink flags point elsewhere writes
+	// them there all the same, and finalize, download and removal find them.
+	Sink string `json:"sink,omitempty"`
 }
 
 // File is one file of a manifest: consecutive parts of one type, served as one.
@@ -287,6 +291,19 @@ type Sink interface {
 	RemovePrefix(ctx context.Context, job, prefix string) error
 	// RemoveJob deletes all of a job's files.
 	RemoveJob(ctx context.Context, job string) error
+}
+
+// LocatedSink is a Sink that can name where its files are and open another
+// place of its own kind, with the same credentials: a job keeps its files at
+// the location it was accepted with (JobSettings.Sink), whatever sink
+// settings the process that runs or finishes it has.
+type LocatedSink interface {
+	Sink
+	// Location names where the files are, e.g. s3://bucket/prefix or
+	// file:///var/lib/kiln/exports.
+	Location() string
+	// At returns the sink for a location of its kind; EINVALID for another kind.
+	At(location string) (Sink, error)
 }
 
 // URLSink is a Sink whose files clients download from the sink itself (e.g.

@@ -136,6 +136,8 @@ type Service struct {
 	log   *slog.Logger
 
 	mu sync.Mutex
+	// sinks are this process's sinks for other locations jobs name, by location.
+	sinks map[string]kiln.Sink
 	// launching holds the jobs whose launch is under way in this process:
 	// the relaunch loop must not start a second one between the launcher's
 	// answer and LaunchPending being cleared (that spent launches twice).
@@ -161,7 +163,7 @@ func (s *Service) UnitsFinished() int64 { return s.finished.Load() }
 func New(store Store, jobs kiln.JobStore, sink kiln.Sink, cfg Config) *Service {
 	cfg.defaults()
 	s := &Service{store: store, jobs: jobs, sink: sink, cfg: cfg, log: cfg.Logger,
-		running: map[string]map[int]context.CancelFunc{}, wake: make(chan struct{}, 1), holder: uuid.NewString()}
+		running: map[string]map[int]context.CancelFunc{}, wake: make(chan struct{}, 1), holder: uuid.NewString(), sinks: map[string]kiln.Sink{}}
 	s.unitsDone = sync.NewCond(&s.mu)
 	return s
 }
@@ -220,6 +222,9 @@ func (s *Service) Start(ctx context.Context, req *kiln.ExportRequest, owner stri
 		Patients:        len(patients),
 		Settings: kiln.JobSettings{MaxFileResources: s.cfg.MaxFileResources, MaxFileBytes: s.cfg.MaxFileBytes,
 			Retention: s.cfg.Retention, Bases: s.cfg.Ref.Bases},
+	}
+	if ls, ok := s.sink.(kiln.LocatedSink); ok {
+		job.Settings.Sink = ls.Location()
 	}
 	job.Updated = job.Created
 	units, err := s.plan(ctx, job, present, len(patients))
@@ -786,22 +791,27 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 	if u.Attempts > 1 {
 		s.cfg.Metrics.Unit("redone")
 	}
+	sink, err := s.sinkOf(job)
+	if err != nil {
+		s.failJob(job.ID, u, err)
+		return true
+	}
 	prefix := unitPrefix(u)
 	// Leftovers of this very attempt (none, unless the sink replays) go
 	// first; earlier attempts' files are not touched here, since the claim
 	// may already have moved on to a newer attempt in another process.
-	if err := s.sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
+	if err := sink.RemovePrefix(ctx, u.Job, prefix); err != nil {
 		s.failJob(job.ID, u, err)
 		return true
 	}
-	parts, err := s.execute(ctx, job, u)
+	parts, err := s.execute(ctx, job, u, sink)
 	if err != nil {
 		switch context.Cause(ctx) {
 		case errJobGone:
 			// Cancelled (here or in another process, which removed the
 			// job's files already): this attempt's files, written since,
 			// go too.
-			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+			_ = sink.RemovePrefix(context.Background(), u.Job, prefix)
 			return true
 		case errLeaseLost:
 			// Another worker has the unit now and starts it from scratch.
@@ -821,7 +831,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 		}
 		// Its own partial files go first: on a full disk that is the space
 		// the store needs to record the failure.
-		_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+		_ = sink.RemovePrefix(context.Background(), u.Job, prefix)
 		s.failJob(job.ID, u, err)
 		return true
 	}
@@ -838,7 +848,7 @@ func (s *Service) runUnit(parent context.Context, u *kiln.Unit, worker int) bool
 		if context.Cause(ctx) != errLeaseLost && err == nil {
 			// The job is gone: its files go too. (After a lost lease the
 			// files belong to the unit's new worker and stay.)
-			_ = s.sink.RemovePrefix(context.Background(), u.Job, prefix)
+			_ = sink.RemovePrefix(context.Background(), u.Job, prefix)
 		}
 		return true
 	}
@@ -895,7 +905,7 @@ func (s *Service) failJob(id string, u *kiln.Unit, cause error) {
 	}
 	s.cancelUnits(j.ID)
 	s.waitForUnits(id, u)
-	if err := s.sink.RemoveJob(ctx, id); err != nil {
+	if err := s.removeFiles(ctx, j); err != nil {
 		s.log.Error("remove failed export's files", "job", id, "err", err)
 	}
 }
@@ -947,7 +957,9 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 		}
 		set := s.settings(j)
 		maxCount, maxBytes := set.MaxFileResources, set.MaxFileBytes
-		if _, ok := s.sink.(kiln.URLSink); ok {
+		if sink, err := s.sinkOf(j); err != nil {
+			return err
+		} else if _, ok := sink.(kiln.URLSink); ok {
 			// Clients fetch from the sink: a file cannot span parts.
 			maxCount, maxBytes = 1, 1
 		}
@@ -1143,13 +1155,14 @@ func (s *Service) cancelUnits(job string) {
 // Cancel stops a job, waits for its running units to stop, and removes its
 // files and records. Cancelling a finished job removes it the same way.
 func (s *Service) Cancel(ctx context.Context, id string) error {
-	if _, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
+	j, err := s.jobs.UpdateJob(ctx, id, func(j *kiln.Job) error {
 		if j.State == kiln.JobCancelled {
 			return kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id)
 		}
 		j.State = kiln.JobCancelled
 		return nil
-	}); err != nil {
+	})
+	if err != nil {
 		return err
 	}
 	s.cancelUnits(id)
@@ -1159,7 +1172,7 @@ func (s *Service) Cancel(ctx context.Context, id string) error {
 		}
 	}
 	s.waitForUnits(id, nil)
-	return s.remove(ctx, id)
+	return s.remove(ctx, j)
 }
 
 // waitForUnits waits (up to 30 s) until no unit of the job runs here, except
@@ -1194,11 +1207,44 @@ func (s *Service) waitUnits(deadline time.Time) {
 	t.Stop()
 }
 
-func (s *Service) remove(ctx context.Context, id string) error {
-	if err := s.sink.RemoveJob(ctx, id); err != nil {
+func (s *Service) remove(ctx context.Context, j *kiln.Job) error {
+	if err := s.removeFiles(ctx, j); err != nil {
 		return err
 	}
-	return s.jobs.DeleteJob(ctx, id)
+	return s.jobs.DeleteJob(ctx, j.ID)
+}
+
+func (s *Service) removeFiles(ctx context.Context, j *kiln.Job) error {
+	sink, err := s.sinkOf(j)
+	if err != nil {
+		return err
+	}
+	return sink.RemoveJob(ctx, j.ID)
+}
+
+// sinkOf is the sink holding the job's files: this process's own, or, for
+// a job accepted with another location (JobSettings.Sink), the same kind of
+// sink opened there. A job with no location is on this process's sink.
+func (s *Service) sinkOf(j *kiln.Job) (kiln.Sink, error) {
+	loc := j.Settings.Sink
+	ls, located := s.sink.(kiln.LocatedSink)
+	if loc == "" || (located && ls.Location() == loc) {
+		return s.sink, nil
+	}
+	if !located {
+		return nil, kiln.Errorf(kiln.EINVALID, "the export's files are at %s, which this process's sink cannot reach", loc)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sk := s.sinks[loc]; sk != nil {
+		return sk, nil
+	}
+	sk, err := ls.At(loc)
+	if err != nil {
+		return nil, fmt.Errorf("the export's files are at %s: %w", loc, err)
+	}
+	s.sinks[loc] = sk
+	return sk, nil
 }
 
 func (s *Service) sweep(ctx context.Context) {
@@ -1225,7 +1271,7 @@ func (s *Service) Sweep(ctx context.Context) error {
 			if busy {
 				continue
 			}
-			if err := s.remove(ctx, j.ID); err != nil {
+			if err := s.remove(ctx, j); err != nil {
 				return err
 			}
 			s.log.Info("export removed", "job", j.ID, "state", j.State)
@@ -1237,7 +1283,11 @@ func (s *Service) Sweep(ctx context.Context) error {
 // FileURL returns where a client downloads a manifest file, when the sink
 // serves files itself (ok false: Kiln's own file endpoint serves it).
 func (s *Service) FileURL(ctx context.Context, j *kiln.Job, f *kiln.File) (url string, ok bool, err error) {
-	us, isURL := s.sink.(kiln.URLSink)
+	sink, err := s.sinkOf(j)
+	if err != nil {
+		return "", false, err
+	}
+	us, isURL := sink.(kiln.URLSink)
 	if !isURL || len(f.Parts) != 1 {
 		return "", false, nil
 	}
@@ -1252,7 +1302,11 @@ func (s *Service) OpenFile(ctx context.Context, j *kiln.Job, name string) (io.Re
 		for i := range files {
 			f := &files[i]
 			if f.Name == name {
-				return &multiPart{ctx: ctx, sink: s.sink, job: j.ID, parts: f.Parts}, f, nil
+				sink, err := s.sinkOf(j)
+				if err != nil {
+					return nil, nil, err
+				}
+				return &multiPart{ctx: ctx, sink: sink, job: j.ID, parts: f.Parts}, f, nil
 			}
 		}
 	}

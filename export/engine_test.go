@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -164,10 +165,12 @@ func TestMemoryBoundedByBatchNotData(t *testing.T) {
 }
 
 // TestJobSettingsTravelWithTheJob (issue 16, finding 1): the file limits,
-// retention and base URLs of the server that accepted an export are the
-// job's, whatever process runs its units and finishes it: a worker with the
-// defaults (1,000,000 resources a file, 24 h) finishing a job accepted with
-// 2 resources a file and 1 h gives 3 files kept 1 h.
+// retention, base URLs and sink location of the server that accepted an
+// export are the job's, whatever process runs its units and finishes it: a
+// worker with the defaults (1,000,000 resources a file, 24 h) and its sink
+// in another folder, finishing a job accepted with 2 resources a file and
+// 1 h, gives 3 files kept 1 h, in the server's folder, where the server
+// serves them from.
 func TestJobSettingsTravelWithTheJob(t *testing.T) {
 	ctx := context.Background()
 	db, sink := openLocal(t)
@@ -176,7 +179,11 @@ func TestJobSettingsTravelWithTheJob(t *testing.T) {
 	clock := func() time.Time { return now }
 	server := export.New(db, db, sink, export.Config{Logger: log, MaxFileResources: 2, Retention: time.Hour, Now: clock,
 		Ref: fhir.Options{Bases: []string{"https://kiln.example/fhir"}}})
-	worker := export.New(db, db, sink, export.Config{Logger: log, Now: clock})
+	elsewhere, err := localfs.New(filepath.Join(t.TempDir(), "worker-exports"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker := export.New(db, db, elsewhere, export.Config{Logger: log, Now: clock})
 	r := &rig{db: db}
 	r.put(t, `{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`, `{"resourceType":"Patient","id":"c"}`,
 		`{"resourceType":"Patient","id":"d"}`, `{"resourceType":"Patient","id":"e"}`)
@@ -201,5 +208,24 @@ func TestJobSettingsTravelWithTheJob(t *testing.T) {
 	}
 	if got := job.Settings.Bases; len(got) != 1 || got[0] != "https://kiln.example/fhir" {
 		t.Errorf("job bases %v", got)
+	}
+	if left, _ := os.ReadDir(elsewhere.Root); len(left) != 0 {
+		t.Errorf("the worker wrote to its own sink: %v", left)
+	}
+	var lines int
+	for _, f := range job.Files {
+		rc, _, err := server.OpenFile(ctx, job, f.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil {
+			t.Fatalf("%s from the server's sink: %v", f.Name, err)
+		}
+		lines += strings.Count(string(b), "\n")
+	}
+	if lines != 5 {
+		t.Errorf("the server reads %d resources of the job's files, want 5", lines)
 	}
 }

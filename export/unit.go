@@ -13,10 +13,10 @@ import (
 )
 
 // execute runs one unit and returns the parts it wrote.
-func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit) ([]kiln.Part, error) {
+func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit, sink kiln.Sink) ([]kiln.Part, error) {
 	req := &job.Request
 	set := s.settings(job)
-	w := &partWriter{ctx: ctx, sink: s.sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
+	w := &partWriter{ctx: ctx, sink: sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
 		maxCount: set.MaxFileResources, maxBytes: set.MaxFileBytes, open: map[string]*openPart{}}
 	refs := s.refs(job)
 	q := baseQuery(job)

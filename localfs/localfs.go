@@ -114,3 +114,21 @@ func (s *Sink) RemoveJob(ctx context.Context, job string) error {
 }
 
 var _ kiln.Sink = (*Sink)(nil)
+
+// Location implements kiln.LocatedSink: file:// and the root's absolute path.
+func (s *Sink) Location() string {
+	abs, err := filepath.Abs(s.Root)
+	if err != nil {
+		abs = s.Root
+	}
+	return "file://" + filepath.ToSlash(abs)
+}
+
+// At implements kiln.LocatedSink: the folder of a file:// location.
+func (s *Sink) At(loc string) (kiln.Sink, error) {
+	dir, ok := strings.CutPrefix(loc, "file://")
+	if !ok || !filepath.IsAbs(filepath.FromSlash(dir)) {
+		return nil, kiln.Errorf(kiln.EINVALID, "localfs: %q is not a file:///absolute/path location", loc)
+	}
+	return New(filepath.FromSlash(dir))
+}

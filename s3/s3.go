@@ -371,3 +371,19 @@ func sortParts(p []types.CompletedPart) {
 }
 
 var _ kiln.URLSink = (*Sink)(nil)
+
+// Location implements kiln.LocatedSink: s3://bucket/prefix.
+func (s *Sink) Location() string { return "s3://" + s.cfg.Bucket + "/" + s.cfg.Prefix }
+
+// At implements kiln.LocatedSink: the same endpoint and credentials, the
+// bucket and prefix of loc.
+func (s *Sink) At(loc string) (kiln.Sink, error) {
+	rest, ok := strings.CutPrefix(loc, "s3://")
+	bucket, prefix, _ := strings.Cut(rest, "/")
+	if !ok || bucket == "" {
+		return nil, kiln.Errorf(kiln.EINVALID, "s3: %q is not an s3://bucket/prefix location", loc)
+	}
+	cfg := s.cfg
+	cfg.Bucket, cfg.Prefix = bucket, strings.Trim(prefix, "/")
+	return &Sink{cfg: cfg, client: s.client, presign: s.presign}, nil
+}

@@ -41,6 +41,7 @@ func Run(t *testing.T, open func(t *testing.T) kiln.Sink, opt Options) {
 		{"ManyFiles", testMany},
 		{"AbortLeavesNothing", testAbort},
 		{"URLs", testURLs},
+		{"LocatedElsewhere", testLocated},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t), opt) })
@@ -279,5 +280,53 @@ func testURLs(t *testing.T, s kiln.Sink, opt Options) {
 		if res.StatusCode == 200 {
 			t.Fatal("a removed job's file still downloads")
 		}
+	}
+}
+
+// testLocated: a LocatedSink opened At its own Location is the same place;
+// At another location of its kind is another place (a job's files there are
+// not seen, nor removed, through the first); a location of another kind is
+// refused.
+func testLocated(t *testing.T, s kiln.Sink, opt Options) {
+	ls, ok := s.(kiln.LocatedSink)
+	if !ok {
+		t.Skip("not a LocatedSink")
+	}
+	j := job(t)
+	same, err := ls.At(ls.Location())
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, same, j, "a.ndjson", data(100), opt)
+	if got := mustGet(t, s, j, "a.ndjson"); !bytes.Equal(got, data(100)) {
+		t.Fatal("written At(Location()), not read back from the sink itself")
+	}
+	if l, ok := same.(kiln.LocatedSink); !ok || l.Location() != ls.Location() {
+		t.Fatalf("At(%s) is at %v", ls.Location(), same)
+	}
+	sub := strings.TrimSuffix(ls.Location(), "/") + "/elsewhere"
+	other, err := ls.At(sub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, ok := other.(kiln.LocatedSink); !ok || l.Location() != sub {
+		t.Fatalf("At(%s) reports another location", sub)
+	}
+	if !gone(t, other, j, "a.ndjson") {
+		t.Fatal("a file of the first location is seen At another")
+	}
+	put(t, other, j, "b.ndjson", data(50), opt)
+	if !gone(t, s, j, "b.ndjson") {
+		t.Fatal("a file written At another location is seen through the first")
+	}
+	if err := s.RemoveJob(context.Background(), j); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, other, j, "b.ndjson"); !bytes.Equal(got, data(50)) {
+		t.Fatal("removing the job at one location removed its files at another")
+	}
+	other.RemoveJob(context.Background(), j)
+	if _, err := ls.At("nosuch://x/y"); err == nil {
+		t.Fatal("a location of another kind was accepted")
 	}
 }

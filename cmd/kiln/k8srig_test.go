@@ -342,6 +342,27 @@ func (a *nodeAgent) startPod(ctx context.Context, pod *corev1.Pod) {
 		a.t.Logf("node agent: env of %s: %v", key, err)
 		return
 	}
+	if lim, ok := c.Resources.Limits[corev1.ResourceMemory]; ok && lim.Value() < 16<<20 {
+		// No Kiln worker starts in under 16 MiB: a kubelet would see it
+		// OOM-killed at once. Report that, as the kubelet would.
+		a.mu.Lock()
+		a.seen[key] = pod.DeepCopy()
+		a.mu.Unlock()
+		now := metav1.Now()
+		for range 20 {
+			cur, err := pods.Get(ctx, pod.Name, metav1.GetOptions{})
+			if err != nil {
+				return
+			}
+			cur.Status.Phase, cur.Status.StartTime = corev1.PodFailed, &now
+			cur.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: c.Name, Image: c.Image, ImageID: c.Image,
+				State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 137, Reason: "OOMKilled", StartedAt: now, FinishedAt: now}}}}
+			if _, err := pods.UpdateStatus(ctx, cur, metav1.UpdateOptions{}); err == nil || !apierrors.IsConflict(err) {
+				return
+			}
+		}
+		return
+	}
 	cmd := exec.Command(a.kiln, c.Args...)
 	cmd.Env = env
 	logf, _ := os.Create(filepath.Join(os.TempDir(), "kiln-rig-"+pod.Name+".log"))
@@ -578,6 +599,28 @@ func TestKubernetesRig(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("export Jobs left after their TTL: %d", len(list.Items))
 		}
+	}
+	// Workers that can never run (OOM-killed at start): the export is
+	// relaunched until --max-launches (3) is spent, then fails, saying why.
+	loc = k.kickOff("/$export?_type=Patient&limitsMemory=8Mi&requestsMemory=8Mi")
+	id = loc[strings.LastIndex(loc, "/")+1:]
+	code, m = awaitExport(t, loc, 3*time.Minute)
+	if code == 200 || !strings.Contains(m.Outcome, "worker Job") {
+		t.Fatalf("an export whose workers are OOM-killed: %d %s", code, m.Outcome)
+	}
+	if j, err = db.GetJob(ctx, id); err != nil || j.Launches != 3 {
+		t.Fatalf("crash-looping workers: %d launches (%v), want --max-launches 3", j.Launches, err)
+	}
+	launches := map[string]bool{}
+	r.node.mu.Lock()
+	for _, p := range r.node.seen {
+		if p.Labels[k8s.LabelJob] == id {
+			launches[p.Labels[k8s.LabelLaunch]] = true
+		}
+	}
+	r.node.mu.Unlock()
+	if len(launches) != 3 {
+		t.Errorf("pods of %d launches reached the node, want 3: %v", len(launches), launches)
 	}
 	// A Role missing a verb: the next export fails at once, saying so.
 	role, err := os.ReadFile(filepath.Join(manifests, "role.yaml"))
