@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	crand "crypto/rand"
 	"database/sql"
@@ -17,8 +18,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -101,6 +104,26 @@ type kilnProc struct {
 	cmd  *exec.Cmd
 	// basePath is the --base-path among args ("" for the default /4_0_0).
 	basePath string
+	// log, when set, receives the server's log besides stderr.
+	log *syncBuffer
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's output and a test's reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // start starts (or restarts, on the same port) kiln serve and waits until it is ready.
@@ -118,6 +141,9 @@ func (k *kilnProc) start() {
 	k.cmd = exec.Command(k.bin, append([]string{"serve", "--addr", k.addr}, k.args...)...)
 	k.cmd.Env = append(os.Environ(), k.env...)
 	k.cmd.Stderr = os.Stderr
+	if k.log != nil {
+		k.cmd.Stderr = io.MultiWriter(os.Stderr, k.log)
+	}
 	if err := k.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -414,7 +440,7 @@ func TestDiskFullDuringExport(t *testing.T) {
 	if out, err := exec.Command("cp", "-a", src+"/.", data).CombinedOutput(); err != nil {
 		t.Fatalf("copy store: %v\n%s", err, out)
 	}
-	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "800", "--log-level", "error"}}
+	k := &kilnProc{t: t, bin: bin, args: []string{"--data", data, "--export-unit-size", "800", "--log-level", "error"}, log: &syncBuffer{}}
 	k.start()
 	defer k.stop()
 	before := freeBytes(t, data)
@@ -422,6 +448,12 @@ func TestDiskFullDuringExport(t *testing.T) {
 	code, m := awaitExport(t, loc, 2*time.Minute)
 	if code != 500 || !strings.Contains(m.Outcome, "OperationOutcome") || !strings.Contains(m.Outcome, "no space left on device") {
 		t.Fatalf("export on a full disk: status %d, %s", code, m.Outcome)
+	}
+	// The fault hit a unit while it wrote its part to the sink (not the
+	// store, not the planner): the engine logs which unit failed and how.
+	unitWrite := regexp.MustCompile(`msg="export failed" job=` + regexp.QuoteMeta(filepath.Base(loc)) + ` unit=\d+ kind=\w+ .*write export part .*no space left on device`)
+	if !unitWrite.MatchString(k.log.String()) {
+		t.Fatalf("no unit failed writing its part on the full disk; the server said:\n%s", k.log.String())
 	}
 	// Still failed, still no manifest, on a later poll.
 	if code, _ := awaitExport(t, loc, time.Second); code != 500 {
