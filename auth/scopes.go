@@ -22,8 +22,15 @@ type Principal struct {
 	Scopes []string
 	// Patient is true when any patient/ scope was granted: such tokens may not export.
 	Patient bool
-	// Resource types readable (Read["*"] for all) and writable.
+	// PatientContext is the patient a patient/ scope is bound to (the SMART
+	// launch context's patient claim). patient/ scopes grant only resources
+	// in that patient's compartment, and nothing without a context.
+	PatientContext string
+	// Resource types readable (Read["*"] for all) and writable, by
+	// system/ and user/ scopes.
 	Read, Write map[string]bool
+	// patientRead and patientWrite are the types of patient/ scopes.
+	patientRead, patientWrite map[string]bool
 	// AccessAll: every tenant (access/*.read, or no authentication).
 	AccessAll bool
 	// Access are the tenant codes readable; AccessWrite those writable.
@@ -39,6 +46,8 @@ type Principal struct {
 type scopeFilter struct {
 	raw string
 	q   *fhir.Query
+	// patient: a patient/ scope's filter, which also needs the compartment.
+	patient bool
 }
 
 // Anonymous is the principal when authentication is off: it may do everything.
@@ -172,7 +181,7 @@ func Grant(registered, requested string) (granted string, dropped []string, err 
 // filter on writes, on *, or one Kiln cannot evaluate grants nothing; other
 // scopes (openid, launch, …) are kept but grant nothing.
 func ParseScopes(name, scope string) *Principal {
-	p := &Principal{Name: name, Read: map[string]bool{}, Write: map[string]bool{}}
+	p := &Principal{Name: name, Read: map[string]bool{}, Write: map[string]bool{}, patientRead: map[string]bool{}, patientWrite: map[string]bool{}}
 	for _, s := range strings.Fields(scope) {
 		p.Scopes = append(p.Scopes, s)
 		sc, err := ParseScope(s)
@@ -194,7 +203,7 @@ func ParseScopes(name, scope string) *Principal {
 			if p.filters == nil {
 				p.filters = map[string][]scopeFilter{}
 			}
-			p.filters[sc.Target] = append(p.filters[sc.Target], scopeFilter{raw: sc.Query, q: q})
+			p.filters[sc.Target] = append(p.filters[sc.Target], scopeFilter{raw: sc.Query, q: q, patient: sc.Context == "patient"})
 			continue
 		}
 		switch sc.Context {
@@ -209,10 +218,15 @@ func ParseScopes(name, scope string) *Principal {
 			if write {
 				p.AccessWrite = append(p.AccessWrite, sc.Target)
 			}
-		default:
-			if sc.Context == "patient" {
-				p.Patient = true
+		case "patient":
+			p.Patient = true
+			if read {
+				p.patientRead[sc.Target] = true
 			}
+			if write {
+				p.patientWrite[sc.Target] = true
+			}
+		default:
 			if read {
 				p.Read[sc.Target] = true
 			}
@@ -248,17 +262,47 @@ func (p *Principal) ReadsNoTenant() bool {
 }
 
 // CanRead reports whether resources of typ may be read (some of them, when
-// the type has Filters).
+// the type is Restricted).
 func (p *Principal) CanRead(typ string) bool {
-	return p.Read["*"] || p.Read[typ] || len(p.filters[typ]) > 0
+	if p.Read["*"] || p.Read[typ] {
+		return true
+	}
+	for _, f := range p.filters[typ] {
+		if !f.patient || p.PatientContext != "" {
+			return true
+		}
+	}
+	return p.PatientContext != "" && (p.patientRead["*"] || p.patientRead[typ])
 }
 
-// Filters returns the queries of the filtered scopes that limit reads of typ
-// (Type?query without "Type?"), or nil when typ is readable unfiltered.
+// Restricted reports whether only some resources of typ may be read (by
+// query-filtered or patient/ scopes): each must then pass Matches.
+func (p *Principal) Restricted(typ string) bool { return !p.Read["*"] && !p.Read[typ] }
+
+// PatientOnly reports whether every grant to read typ is a patient/ scope,
+// and so limited to the compartment of the patient it returns.
+func (p *Principal) PatientOnly(typ string) (string, bool) {
+	if !p.Restricted(typ) {
+		return "", false
+	}
+	for _, f := range p.filters[typ] {
+		if !f.patient {
+			return "", false
+		}
+	}
+	return p.PatientContext, true
+}
+
+// Filters returns the queries of the system/ filtered scopes that limit
+// reads of typ (Type?query without "Type?"), or nil when typ is readable
+// unfiltered. (A token with patient/ scopes may not export; REST reads go
+// through Matches.)
 func (p *Principal) Filters(typ string) []string {
 	var out []string
 	for _, f := range p.filters[typ] {
-		out = append(out, f.raw)
+		if !f.patient {
+			out = append(out, f.raw)
+		}
 	}
 	return out
 }
@@ -269,26 +313,57 @@ func (p *Principal) FilteredTypes() []string {
 }
 
 // Matches reports whether a stored resource of typ passes the principal's
-// scope filters for typ (always, when typ has none).
+// read grants for typ: an unrestricted scope, a filtered scope whose query
+// it matches, or a patient/ scope (filtered or not) when it is in the
+// compartment of the token's patient.
 func (p *Principal) Matches(typ string, body []byte) bool {
-	fs := p.filters[typ]
-	if len(fs) == 0 {
+	if !p.Restricted(typ) {
 		return true
+	}
+	fs := p.filters[typ]
+	patientWide := p.PatientContext != "" && (p.patientRead["*"] || p.patientRead[typ])
+	if len(fs) == 0 && !patientWide {
+		return false
 	}
 	m, err := fhir.DecodeJSON(body)
 	if err != nil {
 		return false
 	}
+	inCompartment := func() bool { return p.PatientContext != "" && InCompartment(typ, m, p.PatientContext) }
+	if patientWide && inCompartment() {
+		return true
+	}
 	for _, f := range fs {
-		if f.q.Match(m) {
+		if f.q.Match(m) && (!f.patient || inCompartment()) {
 			return true
 		}
 	}
 	return false
 }
 
-// CanWrite reports whether resources of typ may be written.
-func (p *Principal) CanWrite(typ string) bool { return p.Write["*"] || p.Write[typ] }
+// InCompartment reports whether a decoded resource of typ is in the Patient
+// compartment of patient (the R4 CompartmentDefinition; a Patient is in its
+// own). Only relative references count here.
+func InCompartment(typ string, m map[string]any, patient string) bool {
+	id, _ := m["id"].(string)
+	return slices.Contains(fhir.Extract(typ, id, m, fhir.Options{}).Patients, patient)
+}
+
+// CanWrite reports whether resources of typ may be written (only some,
+// when WritesOnlyPatient).
+func (p *Principal) CanWrite(typ string) bool {
+	return p.Write["*"] || p.Write[typ] || p.PatientContext != "" && (p.patientWrite["*"] || p.patientWrite[typ])
+}
+
+// WritesOnlyPatient reports whether the only grant to write typ is a
+// patient/ scope: then the record, before and after the change, must be in
+// the compartment of the patient it returns.
+func (p *Principal) WritesOnlyPatient(typ string) (string, bool) {
+	if p.Write["*"] || p.Write[typ] {
+		return "", false
+	}
+	return p.PatientContext, true
+}
 
 // AccessCodes is the tenant filter for reads: nil means every tenant.
 func (p *Principal) AccessCodes() []string {

@@ -28,7 +28,7 @@ func TestParseScopes(t *testing.T) {
 		{scope: "system/Observation.rs system/Patient.cruds access/a.* access/b.write", read: []string{"Observation", "Patient"}, write: []string{"Patient"}, notRead: []string{"Encounter"}, access: []string{"a"}, accessWrite: []string{"a", "b"}, hasAccess: true},
 		{scope: "system/Observation.s", read: []string{"Observation"}},
 		{scope: "system/Observation.c", write: []string{"Observation"}, notRead: []string{"Observation"}},
-		{scope: "patient/*.read", read: []string{"Patient"}, patient: true},
+		{scope: "patient/*.read", notRead: []string{"Patient"}, patient: true}, // no patient context: nothing
 		{scope: "system/Observation.rs?category=laboratory openid launch", read: []string{"Observation"}, notRead: []string{"Patient"}},
 		{scope: "system/Observation.cud?category=laboratory", notRead: []string{"Observation"}}, // filtered writes grant nothing
 		{scope: "system/*.rs?_security=x", notRead: []string{"Observation"}},                    // nor filters on *
@@ -72,6 +72,53 @@ func TestParseScopes(t *testing.T) {
 	}
 	if ParseScopes("u", "access/*.read").AccessCodes() != nil {
 		t.Error("access/*.read must mean every tenant")
+	}
+}
+
+// TestPatientScopesNeedAContext: patient/ scopes grant the resources of
+// their patient's compartment only, and nothing without a patient context;
+// beside a system/ scope for the type, the system scope decides.
+func TestPatientScopesNeedAContext(t *testing.T) {
+	obs := func(patient string) []byte {
+		return []byte(`{"resourceType":"Observation","id":"o","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/` + patient + `"}}`)
+	}
+	lab := []byte(`{"resourceType":"Observation","id":"l","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p2"},` +
+		`"category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}]}`)
+	pat := func(id string) []byte { return []byte(`{"resourceType":"Patient","id":"` + id + `"}`) }
+	p := ParseScopes("u", "patient/*.rs patient/Observation.cud")
+	if p.CanRead("Observation") || p.CanWrite("Observation") || p.Matches("Observation", obs("p1")) {
+		t.Fatal("patient/ scopes without a patient context grant something")
+	}
+	p.PatientContext = "p1"
+	for _, c := range []struct {
+		typ  string
+		body []byte
+		want bool
+	}{{"Observation", obs("p1"), true}, {"Observation", obs("p2"), false}, {"Patient", pat("p1"), true}, {"Patient", pat("p2"), false}} {
+		if got := p.Matches(c.typ, c.body); got != c.want || !p.CanRead(c.typ) || !p.Restricted(c.typ) {
+			t.Errorf("patient p1 reading %s: %v, want %v", c.body, got, c.want)
+		}
+	}
+	if pid, only := p.PatientOnly("Observation"); !only || pid != "p1" {
+		t.Errorf("PatientOnly: %q %v", pid, only)
+	}
+	if pid, only := p.WritesOnlyPatient("Observation"); !only || pid != "p1" || !p.CanWrite("Observation") || p.CanWrite("Patient") {
+		t.Errorf("WritesOnlyPatient: %q %v", pid, only)
+	}
+	// A system/ filtered scope beside it: lab Observations of anyone, and p1's others.
+	q := ParseScopes("u", "patient/Observation.rs system/Observation.rs?category=laboratory")
+	q.PatientContext = "p1"
+	if !q.Matches("Observation", lab) || !q.Matches("Observation", obs("p1")) || q.Matches("Observation", obs("p2")) {
+		t.Error("patient/ beside a filtered system/ scope")
+	}
+	if _, only := q.PatientOnly("Observation"); only {
+		t.Error("a system/ grant beside the patient/ one: not only the patient's compartment")
+	}
+	// An unfiltered system/ scope: every Observation, whatever the context.
+	sys := ParseScopes("u", "patient/Observation.rs system/Observation.rs")
+	sys.PatientContext = "p1"
+	if sys.Restricted("Observation") || !sys.Matches("Observation", obs("p2")) {
+		t.Error("system/Observation.rs beside patient/: restricted")
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
 )
 
 // Config says which bearer tokens are trusted.
@@ -221,7 +222,12 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 			scope = strings.Join(parts, " ")
 		}
 	}
-	return ParseScopes(name, scope).Under(v.cfg.Tenancy), nil
+	p := ParseScopes(name, scope).Under(v.cfg.Tenancy)
+	// SMART launch context: the patient that patient/ scopes are bound to.
+	if pc, ok := checked["patient"].(string); ok && fhir.ValidID(pc) {
+		p.PatientContext = pc
+	}
+	return p, nil
 }
 
 // Tenancy is the tenancy the verifier applies to every token.

@@ -1,11 +1,15 @@
 package httpapi_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiln-fhir/kiln/fhir"
 )
@@ -28,6 +32,42 @@ func TestIsolationTable(t *testing.T) {
 		types       []string // readable types; nil for all
 		labOnly     bool     // Observations only of category laboratory
 		refused     bool     // no access/ scope: sees nothing (exports are 403)
+		// patient is the token's patient context (patient/ scopes: only that
+		// patient's compartment; exports are 403); noContext: patient/ scopes
+		// without one, which grant nothing.
+		patient   string
+		noContext bool
+	}
+	// Compartment membership, read here from the data: a Patient is in its
+	// own compartment, an Observation or Condition in its subject's.
+	subject := map[string]string{}
+	for _, typ := range []string{"Observation", "Condition"} {
+		b, err := os.ReadFile(filepath.Join(d.dir, typ+".ndjson"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range bytes.Split(bytes.TrimSpace(b), []byte("\n")) {
+			var res struct {
+				ID      string
+				Subject struct{ Reference string }
+			}
+			json.Unmarshal(line, &res)
+			subject[typ+"/"+res.ID] = strings.TrimPrefix(res.Subject.Reference, "Patient/")
+		}
+	}
+	var patientA string // a tenant-A patient with tenant-A Observations
+	for _, ref := range all {
+		if id, ok := strings.CutPrefix(ref, "Patient/"); ok && d.tenant[ref] == "tenantA" && patientA == "" {
+			for o, s := range subject {
+				if s == id && d.tenant[o] == "tenantA" && strings.HasPrefix(o, "Observation/") {
+					patientA = id
+					break
+				}
+			}
+		}
+	}
+	if patientA == "" {
+		t.Fatal("no tenant-A patient with tenant-A Observations in the data")
 	}
 	kinds := []kind{
 		{name: "tenant A, v1", scope: "system/*.read access/tenantA.read", tenant: "tenantA"},
@@ -39,10 +79,20 @@ func TestIsolationTable(t *testing.T) {
 		// Under access-tags, types without a tenant: every record is
 		// someone's, so reads are 404 and searches empty; exports refuse.
 		{name: "no access scope", scope: "system/*.rs", refused: true},
+		{name: "patient/ with a context", scope: "patient/Patient.rs patient/Observation.rs patient/Condition.rs access/tenantA.read",
+			tenant: "tenantA", types: []string{"Patient", "Observation", "Condition"}, patient: patientA},
+		{name: "patient/ without a context", scope: "patient/*.rs access/*.read", types: []string{}, noContext: true},
 	}
 	for _, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
-			tok := r.token(t, "iso", k.scope)
+			var claims map[string]any
+			if k.patient != "" {
+				claims = map[string]any{"patient": k.patient}
+			}
+			tok, err := r.verifier.Mint("iso", k.scope, time.Minute, claims)
+			if err != nil {
+				t.Fatal(err)
+			}
 			auth := bearer(tok)
 			visible := func(ref string) bool {
 				typ, _, _ := strings.Cut(ref, "/")
@@ -54,6 +104,10 @@ func TestIsolationTable(t *testing.T) {
 				case k.types != nil && !slices.Contains(k.types, typ):
 					return false
 				case k.labOnly && typ == "Observation" && !d.lab[ref]:
+					return false
+				case k.patient != "" && typ == "Patient" && ref != "Patient/"+k.patient:
+					return false
+				case k.patient != "" && typ != "Patient" && subject[ref] != k.patient:
 					return false
 				}
 				return true
@@ -133,7 +187,7 @@ func TestIsolationTable(t *testing.T) {
 			// Exports: exactly the visible resources, at the system and Patient levels.
 			for _, path := range []string{"/$export", "/Patient/$export"} {
 				res := r.do("GET", path, nil, append(bearer(tok), "Prefer", "respond-async")...)
-				if k.refused {
+				if k.refused || k.patient != "" || k.noContext {
 					if res.StatusCode != 403 {
 						t.Errorf("%s: %d, want 403", path, res.StatusCode)
 					}

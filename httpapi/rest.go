@@ -442,7 +442,10 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	}
 	query.Clauses = rest
 	p := principal(r)
-	scoped := len(p.Filters(typ)) > 0
+	scoped := p.Restricted(typ)
+	if pid, only := p.PatientOnly(typ); only && sq.Patients == nil {
+		sq.Patients = []string{pid} // the compartment index narrows it; Matches still decides
+	}
 	sq.Total = len(query.Clauses) == 0 && first && !scoped && totalMode != "none"
 	var matches []kiln.Resource
 	var next int64

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/auth"
+	"github.com/kiln-fhir/kiln/fhir"
 )
 
 type principalKey struct{}
@@ -127,6 +128,12 @@ func visible(p *auth.Principal, body []byte) bool {
 
 func accessCodes(body []byte) []string { return kiln.AccessCodesOf(body) }
 
+// inCompartment reports whether a stored body of typ is in the compartment of patient.
+func inCompartment(typ string, body []byte, patient string) bool {
+	m, err := fhir.DecodeJSON(body)
+	return err == nil && auth.InCompartment(typ, m, patient)
+}
+
 // authorizeWrite checks a write: the type scope, the access codes the new
 // version carries, and that the record as it stands (its last version with a
 // body, so a deleted record keeps its tenant) is the writer's to change.
@@ -139,6 +146,10 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	p := principal(r)
 	if !p.CanWrite(w.Type) {
 		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
+	}
+	patient, patientOnly := p.WritesOnlyPatient(w.Type)
+	if patientOnly && w.Kind != kiln.Delete && !inCompartment(w.Type, w.Body, patient) {
+		return auth.Forbidden("the token's patient/ scopes allow writing only resources in the compartment of Patient/%s", patient)
 	}
 	if w.Kind != kiln.Delete {
 		if !p.CanTag(w.AccessCodes) {
@@ -155,7 +166,7 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if before == nil {
 		return nil // a new record
 	}
-	if !visible(p, before) {
+	if !visible(p, before) || patientOnly && !inCompartment(w.Type, before, patient) {
 		return kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", w.Type, w.ID)
 	}
 	if codes := accessCodes(before); !p.CanTag(codes) {
