@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiln-fhir/kiln"
 )
@@ -197,5 +198,52 @@ func TestExportJudgesTheSnapshotVersion(t *testing.T) {
 		if k.wantB != strings.Contains(got, "secret-of-B") {
 			t.Errorf("%s for tenant B=%v: export %q, want B's version only in B's", k.path, k.wantB, got)
 		}
+	}
+}
+
+// TestPatientScopesWriteOnlyTheirPatient: patient/Observation.write with a
+// patient context writes and deletes that patient's Observations only: one
+// about another patient is refused (403) and another patient's existing one
+// is not there for it (404, as for a read); without a context it writes nothing.
+func TestPatientScopesWriteOnlyTheirPatient(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.*"))
+	obs := func(id, patient string) []byte {
+		return []byte(fmt.Sprintf(`{"resourceType":"Observation","id":%q,"status":"final","code":{"text":"x"},"subject":{"reference":"Patient/%s"},"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`, id, patient, kiln.AccessSystem))
+	}
+	for id, p := range map[string]string{"mine": "p1", "theirs": "p2"} {
+		if res := r.do("PUT", "/Observation/"+id, obs(id, p), admin...); res.StatusCode != 201 {
+			t.Fatalf("seed %s: %d %s", id, res.StatusCode, res.body)
+		}
+	}
+	tok, err := r.verifier.Mint("pat", "patient/Observation.cruds access/tenantA.*", time.Minute, map[string]any{"patient": "p1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1 := bearer(tok)
+	for _, c := range []struct {
+		method, path string
+		body         []byte
+		want         int
+	}{
+		{"PUT", "/Observation/mine", obs("mine", "p1"), 200},
+		{"PUT", "/Observation/new", obs("new", "p1"), 201},
+		{"PUT", "/Observation/moved", obs("moved", "p2"), 403},   // about another patient
+		{"PUT", "/Observation/mine", obs("mine", "p2"), 403},     // moving its own to another patient
+		{"PUT", "/Observation/theirs", obs("theirs", "p1"), 404}, // taking another patient's
+		{"DELETE", "/Observation/theirs", nil, 404},
+		{"GET", "/Observation/theirs", nil, 404},
+		{"DELETE", "/Observation/mine", nil, 204},
+	} {
+		if res := r.do(c.method, c.path, c.body, p1...); res.StatusCode != c.want {
+			t.Errorf("patient p1 %s %s: %d %s, want %d", c.method, c.path, res.StatusCode, res.body, c.want)
+		}
+	}
+	if res := r.do("GET", "/Observation/theirs", nil, admin...); res.StatusCode != 200 || !strings.Contains(string(res.body), "Patient/p2") {
+		t.Errorf("another patient's Observation after the attempts: %d %s", res.StatusCode, res.body)
+	}
+	noCtx := bearer(r.token(t, "pat", "patient/Observation.cruds access/tenantA.*"))
+	if res := r.do("PUT", "/Observation/new", obs("new", "p1"), noCtx...); res.StatusCode != 403 {
+		t.Errorf("patient/ scopes without a context write: %d, want 403", res.StatusCode)
 	}
 }
