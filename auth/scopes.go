@@ -16,9 +16,10 @@ import (
 
 // Principal is who a request acts for and what it may touch.
 type Principal struct {
-	// Name identifies the principal (the token's sub, or a configured claim);
-	// export jobs belong to it.
+	// Name identifies the principal (the token's sub, or a configured claim)
+	// and Issuer the token's iss: export jobs belong to both (Owner).
 	Name   string
+	Issuer string
 	Scopes []string
 	// Patient is true when any patient/ scope was granted: such tokens may not export.
 	Patient bool
@@ -414,6 +415,55 @@ func (p *Principal) ReadTypes(all []string) []string {
 		}
 	}
 	return out
+}
+
+// Owner is who export jobs belong to: the subject as its issuer names it,
+// so that another trusted issuer's token with the same sub owns nothing.
+func (p *Principal) Owner() string {
+	if p.Issuer == "" {
+		return p.Name
+	}
+	return p.Issuer + "#" + p.Name
+}
+
+// Holds reports whether p holds every read an export with grant g was
+// given: the status, manifest, files and cancel of an export need it, so a
+// token of the same subject with fewer scopes (or none) reaches nothing of it.
+func (p *Principal) Holds(g kiln.ExportGrant) bool {
+	if g.ReadTypes == nil && !p.Read["*"] {
+		return false
+	}
+	for _, t := range g.ReadTypes {
+		if !p.CanRead(t) {
+			return false
+		}
+		if p.Restricted(t) {
+			// p reads t only through filters: the export must be filtered
+			// by some of them, and by nothing p lacks.
+			mine := p.Filters(t)
+			if len(g.ScopeFilters[t]) == 0 {
+				return false
+			}
+			for _, f := range g.ScopeFilters[t] {
+				if !slices.Contains(mine, f) {
+					return false
+				}
+			}
+		}
+	}
+	codes := p.AccessCodes()
+	if codes == nil {
+		return true
+	}
+	if g.Tenants == nil {
+		return false
+	}
+	for _, c := range g.Tenants {
+		if !slices.Contains(codes, c) {
+			return false
+		}
+	}
+	return true
 }
 
 // Forbidden is the error for a missing permission.

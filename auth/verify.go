@@ -223,6 +223,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 		}
 	}
 	p := ParseScopes(name, scope).Under(v.cfg.Tenancy)
+	p.Issuer = iss
 	// SMART launch context: the patient that patient/ scopes are bound to.
 	if pc, ok := checked["patient"].(string); ok && fhir.ValidID(pc) {
 		p.PatientContext = pc

@@ -27,8 +27,12 @@ func exportAllowed(p *auth.Principal) error {
 	return nil
 }
 
-// owns reports whether the job is p's: anyone else gets the same 404 as an unknown id.
-func owns(p *auth.Principal, j *kiln.Job) bool { return j.Owner == p.Name }
+// owns reports whether the job is p's — the same issuer and subject, still
+// holding the reads the export was started with; anyone else gets the same
+// 404 as an unknown id.
+func owns(p *auth.Principal, j *kiln.Job) bool {
+	return j.Owner == p.Owner() && p.Holds(j.Request.ExportGrant)
+}
 
 func (s *Server) kickOff(level string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -70,12 +74,12 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 			s.writeError(w, r, err)
 			return
 		}
-		if !s.allowKickOff(p.Name) {
+		if !s.allowKickOff(p.Owner()) {
 			s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("too many kick-offs: at most %d a minute per client", s.cfg.KickOffsPerMinute), RetryAfter: 60 / max(1, s.cfg.KickOffsPerMinute/10)})
 			return
 		}
 		applyScopes(p, req)
-		job, err := s.exports.Start(r.Context(), req, p.Name)
+		job, err := s.exports.Start(r.Context(), req, p.Owner())
 		if err != nil {
 			s.writeError(w, r, err)
 			return

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
 	"github.com/kiln-fhir/kiln"
 )
 
@@ -245,5 +246,54 @@ func TestPatientScopesWriteOnlyTheirPatient(t *testing.T) {
 	noCtx := bearer(r.token(t, "pat", "patient/Observation.cruds access/tenantA.*"))
 	if res := r.do("PUT", "/Observation/new", obs("new", "p1"), noCtx...); res.StatusCode != 403 {
 		t.Errorf("patient/ scopes without a context write: %d, want 403", res.StatusCode)
+	}
+}
+
+// TestExportBelongsToIssuerSubjectAndItsScopes (issue 17, finding 7): an
+// export is reached — status, file, cancel — only by a token of the same
+// issuer and subject that still holds the reads it was started with; any
+// other gets the 404 of an unknown export, and the export is untouched.
+func TestExportBelongsToIssuerSubjectAndItsScopes(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	dir, _ := tagged(t)
+	r.load(dir)
+	alice := r.token(t, "alice", "system/*.read access/tenantA.read")
+	res := r.do("GET", "/$export?_type=Patient", nil, append(bearer(alice), "Prefer", "respond-async")...)
+	if res.StatusCode != 202 {
+		t.Fatalf("kick-off: %d %s", res.StatusCode, res.body)
+	}
+	loc := res.Header.Get("Content-Location")
+	m := r.mustCompleteAuth(loc, alice)
+	if len(m.Output) == 0 {
+		t.Fatal("no files")
+	}
+	file := m.Output[0].URL
+	now := time.Now()
+	otherIssuer := r.idpToken(t, jwt.SigningMethodRS256, r.rsaKey, jwt.MapClaims{"iss": "https://idp.example", "sub": "alice", "aud": r.base,
+		"scope": "system/*.read access/tenantA.read", "exp": now.Add(time.Minute).Unix()}, map[string]any{"kid": "idp-1"})
+	for name, tok := range map[string]string{
+		"another issuer's alice":        otherIssuer,
+		"alice with no scope":           r.token(t, "alice", ""),
+		"alice with no access scope":    r.token(t, "alice", "system/*.read"),
+		"alice with fewer types":        r.token(t, "alice", "system/Observation.read access/tenantA.read"),
+		"alice with another tenant":     r.token(t, "alice", "system/*.read access/tenantB.read"),
+		"alice with only lab Patients?": r.token(t, "alice", "system/Patient.rs?gender=female access/tenantA.read"),
+	} {
+		for _, req := range []struct{ method, url string }{{"GET", loc}, {"GET", file}, {"DELETE", loc}} {
+			res := r.do(req.method, req.url, nil, bearer(tok)...)
+			if res.StatusCode != 404 || strings.Contains(string(res.body), `"resourceType":"Patient"`) {
+				t.Errorf("%s: %s %s: %d %.200s, want 404", name, req.method, req.url, res.StatusCode, res.body)
+			}
+		}
+	}
+	// The owner, also with more scopes than it started with, still reaches it.
+	wider := r.token(t, "alice", "system/*.read access/tenantA.read access/tenantB.read")
+	for _, tok := range []string{alice, wider} {
+		if res := r.do("GET", file, nil, bearer(tok)...); res.StatusCode != 200 {
+			t.Errorf("the owner's file: %d", res.StatusCode)
+		}
+	}
+	if res := r.do("DELETE", loc, nil, bearer(alice)...); res.StatusCode != 202 {
+		t.Errorf("the owner cancels: %d %s", res.StatusCode, res.body)
 	}
 }
