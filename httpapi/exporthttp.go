@@ -27,6 +27,34 @@ func exportAllowed(p *auth.Principal) error {
 	return nil
 }
 
+// downloadSlot takes one of the owner's download slots and one of the
+// server's, or answers why not (429).
+func (s *Server) downloadSlot(owner string) (release func(), err error) {
+	s.mu.Lock()
+	if s.clientDownloads[owner] >= s.cfg.MaxDownloadsPerClient {
+		s.mu.Unlock()
+		return nil, &kiln.Error{Code: kiln.ETHROTTLED, RetryAfter: 1,
+			Message: fmt.Sprintf("this client has %d downloads running, its limit; retry shortly", s.cfg.MaxDownloadsPerClient)}
+	}
+	s.clientDownloads[owner]++
+	s.mu.Unlock()
+	mine := func() {
+		s.mu.Lock()
+		if s.clientDownloads[owner]--; s.clientDownloads[owner] <= 0 {
+			delete(s.clientDownloads, owner)
+		}
+		s.mu.Unlock()
+	}
+	select {
+	case s.downloads <- struct{}{}:
+		return func() { <-s.downloads; mine() }, nil
+	default:
+		mine()
+		return nil, &kiln.Error{Code: kiln.ETHROTTLED, RetryAfter: 1,
+			Message: fmt.Sprintf("%d downloads are running, the server's limit; retry shortly", s.cfg.MaxDownloads)}
+	}
+}
+
 // owns reports whether the job is p's — the same issuer and subject, still
 // holding the reads the export was started with; anyone else gets the same
 // 404 as an unknown id.
@@ -491,13 +519,12 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	select {
-	case s.downloads <- struct{}{}:
-		defer func() { <-s.downloads }()
-	default:
-		s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("%d downloads are running, the server's limit; retry shortly", s.cfg.MaxDownloads), RetryAfter: 1})
+	release, err := s.downloadSlot(j.Owner)
+	if err != nil {
+		s.writeError(w, r, err)
 		return
 	}
+	defer release()
 	rc, f, err := s.exports.OpenFile(r.Context(), j, name)
 	if err != nil {
 		s.writeError(w, r, err)

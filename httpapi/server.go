@@ -60,6 +60,10 @@ type Config struct {
 	KickOffsPerMinute int
 	// MaxDownloads limits concurrent export file downloads (default 32); more get 429.
 	MaxDownloads int
+	// MaxDownloadsPerClient limits one export owner's concurrent downloads
+	// (default a quarter of MaxDownloads, at least 1), so that one client's
+	// slow reads cannot take every slot from the others.
+	MaxDownloadsPerClient int
 }
 
 // Store is what the REST API needs.
@@ -79,8 +83,10 @@ type Server struct {
 	mu       sync.Mutex
 	polls    map[string]*pollState
 	kickoffs map[string]*rate.Limiter
-	// downloads is a semaphore of concurrent file downloads.
-	downloads chan struct{}
+	// downloads is a semaphore of concurrent file downloads; clientDownloads
+	// counts each owner's (under mu).
+	downloads       chan struct{}
+	clientDownloads map[string]int
 }
 
 type pollState struct {
@@ -127,8 +133,11 @@ func New(store Store, exports *export.Service, cfg Config, ready func() error) *
 	if cfg.MaxDownloads <= 0 {
 		cfg.MaxDownloads = 32
 	}
+	if cfg.MaxDownloadsPerClient <= 0 {
+		cfg.MaxDownloadsPerClient = max(1, cfg.MaxDownloads/4)
+	}
 	s := &Server{store: store, exports: exports, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), ready: ready,
-		polls: map[string]*pollState{}, kickoffs: map[string]*rate.Limiter{}, downloads: make(chan struct{}, cfg.MaxDownloads)}
+		polls: map[string]*pollState{}, kickoffs: map[string]*rate.Limiter{}, downloads: make(chan struct{}, cfg.MaxDownloads), clientDownloads: map[string]int{}}
 	s.routes()
 	return s
 }

@@ -2,12 +2,14 @@ package httpapi_test
 
 import (
 	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/httpapi"
 )
 
 // tenantObs is an Observation tagged for the given tenants; marker is text
@@ -295,5 +297,54 @@ func TestExportBelongsToIssuerSubjectAndItsScopes(t *testing.T) {
 	}
 	if res := r.do("DELETE", loc, nil, bearer(alice)...); res.StatusCode != 202 {
 		t.Errorf("the owner cancels: %d %s", res.StatusCode, res.body)
+	}
+}
+
+// TestDownloadSlotsPerClient (issue 17, finding 8): one client holding its
+// download slots open gets 429 for more, while another client still
+// downloads.
+func TestDownloadSlotsPerClient(t *testing.T) {
+	r := newAuthEnv(t, envOpts{httpCfg: httpapi.Config{MaxDownloads: 4, MaxDownloadsPerClient: 2}})
+	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.*"))
+	// 20 MB of Observations: more than socket buffers hold, so an unread download stays open.
+	for b := range 4 {
+		var entries []string
+		for i := range 5000 {
+			o := fmt.Sprintf(`{"resourceType":"Observation","id":"o%d-%d","status":"final","code":{"text":"x"},"note":[{"text":%q}],"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`,
+				b, i, strings.Repeat("n", 1000), kiln.AccessSystem)
+			entries = append(entries, fmt.Sprintf(`{"resource":%s,"request":{"method":"PUT","url":"Observation/o%d-%d"}}`, o, b, i))
+		}
+		bundle := `{"resourceType":"Bundle","type":"batch","entry":[` + strings.Join(entries, ",") + `]}`
+		if res := r.do("POST", "/", []byte(bundle), admin...); res.StatusCode != 200 {
+			t.Fatalf("load: %d %.300s", res.StatusCode, res.body)
+		}
+	}
+	file := func(tok string) string {
+		res := r.do("GET", "/$export?_type=Observation", nil, append(bearer(tok), "Prefer", "respond-async")...)
+		if res.StatusCode != 202 {
+			t.Fatalf("kick-off: %d %s", res.StatusCode, res.body)
+		}
+		return r.mustCompleteAuth(res.Header.Get("Content-Location"), tok).Output[0].URL
+	}
+	alice, bob := r.token(t, "alice", "system/*.read access/tenantA.read"), r.token(t, "bob", "system/*.read access/tenantA.read")
+	aliceFile, bobFile := file(alice), file(bob)
+	plain := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	hold := func(url, tok string) *http.Response {
+		req, _ := http.NewRequest("GET", url, nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		res, err := plain.Do(req) // the slot is taken before the headers go out
+		if err != nil || res.StatusCode != 200 {
+			t.Fatalf("download: %v %v", res, err)
+		}
+		return res
+	}
+	for range 2 {
+		defer hold(aliceFile, alice).Body.Close()
+	}
+	if res := r.do("GET", aliceFile, nil, bearer(alice)...); res.StatusCode != 429 || !strings.Contains(string(res.body), "this client") {
+		t.Errorf("alice's third concurrent download: %d %s, want 429", res.StatusCode, res.body)
+	}
+	if res := r.do("GET", bobFile, nil, bearer(bob)...); res.StatusCode != 200 {
+		t.Errorf("bob's download while alice holds hers: %d, want 200", res.StatusCode)
 	}
 }

@@ -48,6 +48,7 @@ type serveConfig struct {
 	auth                            authFlags
 	launch                          launcherFlags
 	kickoffRate, maxDownloads       int
+	maxClientDownloads              int
 	readHeaderTimeout, idleTimeout  time.Duration
 	shutdownGrace                   time.Duration
 	metricsAddr                     string
@@ -91,6 +92,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	c.launch.register(fs)
 	fs.IntVar(&c.kickoffRate, "kickoff-rate", 30, "export kick-offs per minute per client (burst 10); more get 429 (-1: no limit)")
 	fs.IntVar(&c.maxDownloads, "max-downloads", 32, "concurrent export file downloads; more get 429")
+	fs.IntVar(&c.maxClientDownloads, "max-downloads-per-client", 0, "concurrent export file downloads of one client (default a quarter of --max-downloads); more get 429")
 	fs.DurationVar(&c.readHeaderTimeout, "read-header-timeout", 10*time.Second, "time a client has to send request headers (slowloris guard)")
 	fs.DurationVar(&c.idleTimeout, "idle-timeout", 2*time.Minute, "keep-alive connections idle longer are closed")
 	fs.DurationVar(&c.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, how long requests in flight may finish; running export units are handed back")
@@ -190,7 +192,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	hc := httpapi.Config{
 		BasePath: "/" + strings.TrimPrefix(c.base(), "/"), PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
 		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
-		Metrics: met, KickOffsPerMinute: c.kickoffRate, MaxDownloads: c.maxDownloads,
+		Metrics: met, KickOffsPerMinute: c.kickoffRate, MaxDownloads: c.maxDownloads, MaxDownloadsPerClient: c.maxClientDownloads,
 	}
 	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if !c.noMetrics && c.metricsAddr == "" {
