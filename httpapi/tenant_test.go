@@ -342,7 +342,7 @@ func TestDownloadSlotsPerClient(t *testing.T) {
 		defer hold(aliceFile, alice).Body.Close()
 	}
 	if res := r.do("GET", aliceFile, nil, bearer(alice)...); res.StatusCode != 429 || !strings.Contains(string(res.body), "this client") {
-		t.Errorf("alice's third concurrent download: %d %s, want 429", res.StatusCode, res.body)
+		t.Errorf("alice's third concurrent download: %d %.200s, want 429", res.StatusCode, res.body)
 	}
 	if res := r.do("GET", bobFile, nil, bearer(bob)...); res.StatusCode != 200 {
 		t.Errorf("bob's download while alice holds hers: %d, want 200", res.StatusCode)
