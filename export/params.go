@@ -441,7 +441,18 @@ func (p *parser) param(name, raw string, vals []string) {
 			}
 		}
 	case "_typeFilter":
-		for _, f := range splitTypeFilters(vals) {
+		filters := splitTypeFilters(vals)
+		if len(filters) > MaxTypeFilters {
+			// Each filter is evaluated on every resource of its type: a
+			// bound keeps one kick-off from buying unbounded work.
+			p.fail(raw, "%d _typeFilter queries; at most %d are accepted", len(filters), MaxTypeFilters)
+			return
+		}
+		for _, f := range filters {
+			if len(f) > MaxTypeFilterLength {
+				p.fail(raw, "a _typeFilter of %d bytes; at most %d are accepted", len(f), MaxTypeFilterLength)
+				return
+			}
 			q, err := fhir.ParseTypeFilter(f)
 			if err != nil {
 				p.unsupported(raw, "%s", kiln.ErrorMessage(err))
@@ -529,6 +540,13 @@ func (p *parser) intParam(raw string, vals []string, lo, hi int64) (int64, bool)
 	}
 	return n, true
 }
+
+// MaxTypeFilters and MaxTypeFilterLength bound the _typeFilter queries of
+// one kick-off (in all, and each in bytes).
+const (
+	MaxTypeFilters      = 64
+	MaxTypeFilterLength = 4096
+)
 
 var memoryPattern = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T|k)?$`)
 

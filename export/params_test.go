@@ -118,3 +118,40 @@ func TestAssembleSplitsAndOrders(t *testing.T) {
 		t.Fatalf("files %v, want %v", names, want)
 	}
 }
+
+// TestTypeFilterBounds: more than MaxTypeFilters queries, or one longer
+// than MaxTypeFilterLength, is a 400 naming _typeFilter, lenient or not;
+// at the bounds they are accepted.
+func TestTypeFilterBounds(t *testing.T) {
+	many := func(n int) string {
+		q := url.Values{}
+		for i := range n {
+			q.Add("_typeFilter", "Observation?code="+strings.Repeat("1", 1+i%5))
+		}
+		return q.Encode()
+	}
+	long := func(n int) string {
+		return url.Values{"_typeFilter": {"Observation?code=" + strings.Repeat("x", n-len("Observation?code="))}}.Encode()
+	}
+	for _, c := range []struct {
+		name, query string
+		ok          bool
+	}{
+		{"at the count", many(MaxTypeFilters), true},
+		{"over the count", many(MaxTypeFilters + 1), false},
+		{"at the length", long(MaxTypeFilterLength), true},
+		{"over the length", long(MaxTypeFilterLength + 1), false},
+	} {
+		for _, prefer := range []string{"respond-async", "respond-async, handling=lenient"} {
+			k := kick(kiln.LevelSystem, c.query, "", "")
+			k.Prefer = prefer
+			_, err := ParseKickOff(k)
+			if c.ok && err != nil {
+				t.Errorf("%s (%s): %v", c.name, prefer, err)
+			}
+			if !c.ok && (kiln.ErrorCode(err) != kiln.EINVALID || !strings.Contains(err.Error(), "_typeFilter")) {
+				t.Errorf("%s (%s): %v, want a 400 on _typeFilter", c.name, prefer, err)
+			}
+		}
+	}
+}
