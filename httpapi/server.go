@@ -4,6 +4,7 @@
 package httpapi
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -20,6 +21,7 @@ import (
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/metrics"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/time/rate"
 )
 
@@ -37,6 +39,16 @@ type Config struct {
 	PublicURL string
 	// MaxBodyBytes limits request bodies (default 16 MiB).
 	MaxBodyBytes int64
+	// MaxBodyValues limits the JSON values (objects, arrays, members,
+	// elements) of one request body (default 1,000,000), and MaxBodyDepth its
+	// nesting (default 100): decoding a value costs far more memory than its
+	// bytes, so a body of tiny objects is refused before it is decoded.
+	MaxBodyValues int
+	MaxBodyDepth  int
+	// DecodeBudget bounds the JSON values of all request bodies being
+	// decoded and held at once (default 4 × MaxBodyValues); a request waits
+	// for its share, so memory stays bounded under parallel large bodies.
+	DecodeBudget int64
 	// RetryAfter is the delay, in seconds, status responses ask for (default 2).
 	RetryAfter int
 	// PollBurst is how many status polls in a row may come sooner than half
@@ -87,6 +99,8 @@ type Server struct {
 	// counts each owner's (under mu).
 	downloads       chan struct{}
 	clientDownloads map[string]int
+	// decoding holds the DecodeBudget.
+	decoding *semaphore.Weighted
 }
 
 type pollState struct {
@@ -133,11 +147,21 @@ func New(store Store, exports *export.Service, cfg Config, ready func() error) *
 	if cfg.MaxDownloads <= 0 {
 		cfg.MaxDownloads = 32
 	}
+	if cfg.MaxBodyValues <= 0 {
+		cfg.MaxBodyValues = 1_000_000
+	}
+	if cfg.MaxBodyDepth <= 0 {
+		cfg.MaxBodyDepth = 100
+	}
+	if cfg.DecodeBudget < int64(cfg.MaxBodyValues) {
+		cfg.DecodeBudget = 4 * int64(cfg.MaxBodyValues)
+	}
 	if cfg.MaxDownloadsPerClient <= 0 {
 		cfg.MaxDownloadsPerClient = max(1, cfg.MaxDownloads/4)
 	}
 	s := &Server{store: store, exports: exports, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), ready: ready,
-		polls: map[string]*pollState{}, kickoffs: map[string]*rate.Limiter{}, downloads: make(chan struct{}, cfg.MaxDownloads), clientDownloads: map[string]int{}}
+		polls: map[string]*pollState{}, kickoffs: map[string]*rate.Limiter{}, downloads: make(chan struct{}, cfg.MaxDownloads), clientDownloads: map[string]int{},
+		decoding: semaphore.NewWeighted(cfg.DecodeBudget)}
 	s.routes()
 	return s
 }
@@ -214,6 +238,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "request", id, "ms", time.Since(start).Milliseconds())
 	}()
 	r.Body = http.MaxBytesReader(rec, r.Body, s.cfg.MaxBodyBytes)
+	lease := &bodyLease{sem: s.decoding, maxValues: s.cfg.MaxBodyValues, maxDepth: s.cfg.MaxBodyDepth}
+	defer lease.release()
+	r = r.WithContext(context.WithValue(r.Context(), bodyLeaseKey{}, lease))
 	authed := s.authenticate(rec, r)
 	if authed == nil {
 		s.cfg.Metrics.HTTP("authentication", rec.status, time.Since(start))
@@ -273,7 +300,9 @@ func (s *Server) refOptions(r *http.Request) fhir.Options {
 	return fhir.Options{Bases: []string{s.publicURL(r, s.cfg.BasePath)}}
 }
 
-// readBody reads the request body within the size limit.
+// readBody reads the request body within the size limit and, when the
+// request came through the Server, the JSON value and depth limits, taking
+// the body's share of the decode budget until the request ends.
 func readBody(r *http.Request) ([]byte, error) {
 	b, err := io.ReadAll(r.Body)
 	var mbe *http.MaxBytesError
@@ -283,5 +312,73 @@ func readBody(r *http.Request) ([]byte, error) {
 	if err != nil {
 		return nil, kiln.Invalid("body", "request body could not be read: %v", err)
 	}
+	if lease, ok := r.Context().Value(bodyLeaseKey{}).(*bodyLease); ok {
+		if err := lease.take(r.Context(), b); err != nil {
+			return nil, err
+		}
+	}
 	return b, nil
+}
+
+type bodyLeaseKey struct{}
+
+// bodyLease is a request's share of the decode budget.
+type bodyLease struct {
+	sem                 *semaphore.Weighted
+	maxValues, maxDepth int
+	held                int64
+}
+
+func (l *bodyLease) take(ctx context.Context, b []byte) error {
+	values, depth := jsonShape(b)
+	if depth > l.maxDepth {
+		return kiln.Invalid("body", "the JSON body nests %d deep; at most %d levels are accepted", depth, l.maxDepth)
+	}
+	if values > l.maxValues {
+		return &kiln.Error{Code: kiln.ETOOLARGE, Message: fmt.Sprintf("the JSON body holds %d values; at most %d are accepted in one request", values, l.maxValues)}
+	}
+	if err := l.sem.Acquire(ctx, int64(values)); err != nil {
+		return fmt.Errorf("wait to decode the body: %w", err)
+	}
+	l.held += int64(values)
+	return nil
+}
+
+func (l *bodyLease) release() {
+	if l.held > 0 {
+		l.sem.Release(l.held)
+		l.held = 0
+	}
+}
+
+// jsonShape counts the values of a JSON text (every object, array, member
+// and element, approximately: separators and openings) and its deepest
+// nesting, in one pass over the bytes and without decoding it.
+func jsonShape(b []byte) (values, depth int) {
+	d, inString, escaped := 0, false, false
+	values = 1
+	for _, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			d++
+			depth = max(depth, d)
+			values++
+		case c == '}' || c == ']':
+			d--
+		case c == ',' || c == ':':
+			values++
+		}
+	}
+	return values, depth
 }
