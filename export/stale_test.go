@@ -259,7 +259,11 @@ func TestCancelledUnitElsewhereRemovesItsFiles(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); worker.runUnit(ctx, u, 0) }()
-	<-gs.creating
+	select {
+	case <-gs.creating:
+	case <-done:
+		t.Fatal("the unit ended before it created its file")
+	}
 	if err := api.Cancel(ctx, job.ID); err != nil {
 		t.Fatal(err)
 	}
