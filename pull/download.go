@@ -151,7 +151,7 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 		go func() {
 			defer wg.Done()
 			for j := range work {
-				f, err := c.fetch(ctx, m, j.f, j.kind, j.name)
+				f, err := c.fetch(ctx, st, m, j.f, j.kind, j.name)
 				mu.Lock()
 				if err == nil && j.kind == KindOutput {
 					err = seen.add(f)
@@ -214,7 +214,7 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 // fetch downloads one file into the staging folder (unless a verified copy
 // exists there, or in the folder from a commit a crash cut short),
 // retrying transient failures and truncated bodies, and verifies it.
-func (c *Client) fetch(ctx context.Context, m *Manifest, f File, kind Kind, name string) (checked, error) {
+func (c *Client) fetch(ctx context.Context, st *State, m *Manifest, f File, kind Kind, name string) (checked, error) {
 	path := filepath.Join(c.staging(), name)
 	for _, p := range []string{path, filepath.Join(c.opt.Out, name)} {
 		if got, err := verify(p, f, kind); err == nil {
@@ -230,7 +230,11 @@ func (c *Client) fetch(ctx context.Context, m *Manifest, f File, kind Kind, name
 				return checked{}, err
 			}
 		}
-		res, err := c.do(ctx, http.MethodGet, f.URL, nil, m.RequiresAccessToken, func(r *http.Request) { r.Header.Set("Accept", "application/fhir+ndjson") })
+		tokenFor := ""
+		if m.RequiresAccessToken {
+			tokenFor = st.Request.Server
+		}
+		res, err := c.do(ctx, http.MethodGet, f.URL, nil, tokenFor, func(r *http.Request) { r.Header.Set("Accept", "application/fhir+ndjson") })
 		if err != nil {
 			lastErr = err
 			continue

@@ -237,7 +237,7 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 	var res *http.Response
 	for attempt := 0; ; attempt++ {
 		var err error
-		res, err = c.do(ctx, method, u, body, true, func(r *http.Request) {
+		res, err = c.do(ctx, method, u, body, req.Server, func(r *http.Request) {
 			r.Header.Set("Accept", "application/fhir+json")
 			prefer := "respond-async"
 			if req.Lenient {
@@ -307,7 +307,7 @@ func (c *Client) save(st *State) error {
 
 // Cancel asks the server to cancel (or forget) the export.
 func (c *Client) Cancel(ctx context.Context, st *State) error {
-	res, err := c.do(ctx, http.MethodDelete, st.StatusURL, nil, true, nil)
+	res, err := c.do(ctx, http.MethodDelete, st.StatusURL, nil, st.Request.Server, nil)
 	if err != nil {
 		return err
 	}
@@ -326,7 +326,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 	fails := 0
 	for {
 		c.failpoint(StepPoll)
-		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, true, func(r *http.Request) {
+		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, st.Request.Server, func(r *http.Request) {
 			r.Header.Set("Accept", "application/json")
 			// RFC 7240: a server that supports it answers as soon as the
 			// export ends, within the wait, instead of a poll interval later.
@@ -393,7 +393,11 @@ func isFailedExport(body []byte) bool {
 	return true
 }
 
-func (c *Client) do(ctx context.Context, method, u string, body []byte, withToken bool, edit func(*http.Request)) (*http.Response, error) {
+// do sends a request, retrying network errors; the bearer token goes only
+// to the origin (scheme, host and port) of tokenFor, the server's base URL
+// ("" for none): a status or file URL on another host — a presigned URL,
+// or a server sending the client elsewhere — never gets it.
+func (c *Client) do(ctx context.Context, method, u string, body []byte, tokenFor string, edit func(*http.Request)) (*http.Response, error) {
 	var lastErr error
 	for attempt := 0; attempt <= c.opt.MaxRetries; attempt++ {
 		if attempt > 0 {
@@ -412,7 +416,7 @@ func (c *Client) do(ctx context.Context, method, u string, body []byte, withToke
 		if edit != nil {
 			edit(req)
 		}
-		if withToken && c.opt.Tokens != nil {
+		if tokenFor != "" && c.opt.Tokens != nil && sameOrigin(req.URL, tokenFor) {
 			tok, err := c.opt.Tokens.Token(ctx)
 			if err != nil {
 				return nil, fmt.Errorf("authentication: %w", err)
@@ -463,6 +467,21 @@ func PreviousTransactionTime(dir string) (string, error) {
 		return "", fmt.Errorf("%s/manifest.json has no transactionTime", dir)
 	}
 	return m.TransactionTime, nil
+}
+
+// sameOrigin reports whether u is on the origin of base.
+func sameOrigin(u *url.URL, base string) bool {
+	b, err := url.Parse(base)
+	if err != nil {
+		return false
+	}
+	port := func(x *url.URL) string {
+		if p := x.Port(); p != "" {
+			return p
+		}
+		return map[string]string{"http": "80", "https": "443"}[strings.ToLower(x.Scheme)]
+	}
+	return strings.EqualFold(u.Scheme, b.Scheme) && strings.EqualFold(u.Hostname(), b.Hostname()) && port(u) == port(b)
 }
 
 func retryAfter(v string) (time.Duration, bool) {

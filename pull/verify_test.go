@@ -243,3 +243,42 @@ func TestFileDownloadsAndStatusHonourRetryAfter(t *testing.T) {
 		t.Fatalf("waits %v: want 11s (status), 9s and about 40s (file)", f.waits)
 	}
 }
+
+// TestTokenGoesOnlyToTheServer (issue 17): with requiresAccessToken, the
+// bearer token goes to the server's own origin — kick-off, status, its
+// files — and never to a file URL on another host (a presigned URL, or a
+// server pointing the client elsewhere).
+func TestTokenGoesOnlyToTheServer(t *testing.T) {
+	var mu sync.Mutex
+	sawToken := map[string]bool{}
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		sawToken["other"] = sawToken["other"] || r.Header.Get("Authorization") != ""
+		mu.Unlock()
+		fmt.Fprintln(w, `{"resourceType":"Condition","id":"c"}`)
+	}))
+	defer other.Close()
+	var f *fakeExport
+	f = newFakeExport(t, func(w http.ResponseWriter, r *http.Request) bool {
+		mu.Lock()
+		sawToken["status"] = r.Header.Get("Authorization") == "Bearer s3cret"
+		mu.Unlock()
+		return false
+	}, `{"transactionTime":"2026-01-01T00:00:00Z","request":"x","requiresAccessToken":true,"output":[
+		{"type":"Patient","url":"%[1]s/p"},{"type":"Condition","url":"`+other.URL+`/c?X-Amz-Signature=abc"}],"error":[]}`,
+		map[string]http.HandlerFunc{"/p": func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			sawToken["own file"] = r.Header.Get("Authorization") == "Bearer s3cret"
+			mu.Unlock()
+			fmt.Fprintln(w, `{"resourceType":"Patient","id":"a"}`)
+		}})
+	if _, err := f.pull(t, f.client(t.TempDir(), func(o *pull.Options) { o.Tokens = pull.StaticToken("s3cret") })); err != nil {
+		t.Fatal(err)
+	}
+	if !sawToken["status"] || !sawToken["own file"] {
+		t.Errorf("the server itself did not get the token: %v", sawToken)
+	}
+	if sawToken["other"] {
+		t.Error("the token was sent to a file URL on another host")
+	}
+}
