@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -94,5 +95,29 @@ func TestClientAndTokenCommands(t *testing.T) {
 	sv, _ := auth.NewVerifier(auth.Config{Issuer: "http://127.0.0.1:8080/4_0_0", Key: key, SecretFile: secret})
 	if p, err := sv.Verify(context.Background(), strings.TrimSpace(out)); code != 0 || err != nil || p.Name != "dev2" {
 		t.Fatalf("HS256 token: %d %v", code, err)
+	}
+}
+
+// TestPublicURLIsNeverTheHostHeader (issue 17): beyond loopback kiln serve
+// refuses to start without --public-url; on loopback the URLs it hands out
+// are its own address's, whatever Host header a client sends.
+func TestPublicURLIsNeverTheHostHeader(t *testing.T) {
+	if code, _, errOut := runCLI(t, "serve", "--addr", "0.0.0.0:0", "--insecure-no-auth", "--data", t.TempDir()); code != 1 || !strings.Contains(errOut, "--public-url is required") {
+		t.Errorf("beyond loopback without --public-url: %d %q", code, errOut)
+	}
+	k := &kilnProc{t: t, bin: buildKiln(t), args: []string{"--data", t.TempDir(), "--log-level", "error"}}
+	k.start()
+	defer k.stop()
+	req, _ := http.NewRequest("GET", k.base()+"/$export", nil)
+	req.Host = "evil.example"
+	req.Header.Set("Prefer", "respond-async")
+	req.Header.Set("Accept", "application/fhir+json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if loc := res.Header.Get("Content-Location"); res.StatusCode != 202 || !strings.HasPrefix(loc, "http://"+k.addr+"/") {
+		t.Errorf("kick-off with a forged Host: %d, Content-Location %q, want one on %s", res.StatusCode, loc, k.addr)
 	}
 }

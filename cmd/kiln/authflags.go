@@ -46,12 +46,10 @@ func (a *authFlags) checkBind(addr string, log *slog.Logger) error {
 	if a.mode != "none" {
 		return nil
 	}
-	host, _, err := net.SplitHostPort(addr)
+	loopback, err := isLoopback(addr)
 	if err != nil {
-		return fmt.Errorf("--addr %q: %w", addr, err)
+		return err
 	}
-	ip := net.ParseIP(host)
-	loopback := host == "localhost" || (ip != nil && ip.IsLoopback())
 	if loopback {
 		return nil
 	}
@@ -60,6 +58,34 @@ func (a *authFlags) checkBind(addr string, log *slog.Logger) error {
 	}
 	log.Warn("SERVING WITHOUT AUTHENTICATION on a non-loopback address: anyone who reaches it can read and export every record", "addr", addr)
 	return nil
+}
+
+// isLoopback reports whether a listen address is on loopback only.
+func isLoopback(addr string) (bool, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false, fmt.Errorf("--addr %q: %w", addr, err)
+	}
+	ip := net.ParseIP(host)
+	return host == "localhost" || (ip != nil && ip.IsLoopback()), nil
+}
+
+// publicURL is the base clients reach the server at: --public-url, or, on
+// loopback, the listener's own address. Beyond loopback it must be given:
+// otherwise every URL Kiln hands out would follow the request's Host
+// header, which any client can forge.
+func publicURL(flag, addr string, ln net.Addr) (string, error) {
+	if flag != "" {
+		return strings.TrimSuffix(flag, "/"), nil
+	}
+	loopback, err := isLoopback(addr)
+	if err != nil {
+		return "", err
+	}
+	if !loopback {
+		return "", fmt.Errorf("--public-url is required when serving on %s: without it the URLs Kiln hands out (Content-Location, manifest files, SMART endpoints) would follow each request's Host header, which a client can forge", addr)
+	}
+	return "http://" + ln.String(), nil
 }
 
 func (a *authFlags) keyPath(data string) string {

@@ -72,7 +72,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "address to listen on")
 	c.store.register(fs)
 	fs.StringVar(&c.basePath, "base-path", "/4_0_0", "FHIR base path")
-	fs.StringVar(&c.publicURL, "public-url", "", "scheme://host[:port] clients reach Kiln at, for Content-Location and manifest URLs (default: the request's Host)")
+	fs.StringVar(&c.publicURL, "public-url", "", "scheme://host[:port] clients reach Kiln at, for Content-Location, manifest and SMART URLs (default on loopback: the listen address; required beyond loopback, so that a forged Host header cannot choose them)")
 	fs.Int64Var(&c.maxBody, "max-body-bytes", 16<<20, "largest request body accepted")
 	c.work.register(fs)
 	fs.IntVar(&c.unitSize, "export-unit-size", 100_000, "resources per work unit of a system export")
@@ -160,9 +160,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", c.addr, err)
 	}
-	public := c.publicURL
-	if public == "" {
-		public = "http://" + ln.Addr().String()
+	public, err := publicURL(c.publicURL, c.addr, ln.Addr())
+	if err != nil {
+		ln.Close()
+		return err
 	}
 	launcher, err := c.launch.launcher(&c.store, &c.sink, log)
 	if err != nil {
@@ -190,7 +191,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	hc := httpapi.Config{
-		BasePath: "/" + strings.TrimPrefix(c.base(), "/"), PublicURL: c.publicURL, MaxBodyBytes: c.maxBody,
+		BasePath: "/" + strings.TrimPrefix(c.base(), "/"), PublicURL: public, MaxBodyBytes: c.maxBody,
 		RetryAfter: c.retryAfter, PollBurst: c.pollBurst, Logger: log,
 		Metrics: met, KickOffsPerMinute: c.kickoffRate, MaxDownloads: c.maxDownloads, MaxDownloadsPerClient: c.maxClientDownloads,
 	}
