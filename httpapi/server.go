@@ -184,7 +184,15 @@ func (s *Server) routes() {
 	h("GET /readyz", s.readyz)
 	h("GET "+b+"/metadata", s.metadata)
 	if s.cfg.MetricsHandler != nil {
-		s.mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+		s.mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+			// The totals are the whole server's, every tenant's: only a
+			// token that reads every tenant (access/*.read) may see them.
+			if !principal(r).AccessAll {
+				s.writeError(w, r, auth.Forbidden("/metrics holds every tenant's totals: it needs access/*.read"))
+				return
+			}
+			s.cfg.MetricsHandler.ServeHTTP(w, r)
+		})
 	}
 
 	for _, m := range []string{"GET", "POST"} {

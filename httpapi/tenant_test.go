@@ -2,6 +2,7 @@ package httpapi_test
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -346,5 +347,23 @@ func TestDownloadSlotsPerClient(t *testing.T) {
 	}
 	if res := r.do("GET", bobFile, nil, bearer(bob)...); res.StatusCode != 200 {
 		t.Errorf("bob's download while alice holds hers: %d, want 200", res.StatusCode)
+	}
+}
+
+// TestMetricsNeedEveryTenant (issue 17): /metrics holds every tenant's
+// totals, so only a token that reads every tenant gets it.
+func TestMetricsNeedEveryTenant(t *testing.T) {
+	r := newAuthEnv(t, envOpts{httpCfg: httpapi.Config{MetricsHandler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "kiln_export_jobs 7\n")
+	})}})
+	root := strings.TrimSuffix(r.base, "/4_0_0")
+	for scope, want := range map[string]int{"system/*.read access/tenantA.read": 403, "system/*.read": 403, "access/*.read": 200} {
+		res := r.do("GET", root+"/metrics", nil, bearer(r.token(t, "m", scope))...)
+		if res.StatusCode != want || (want != 200) == strings.Contains(string(res.body), "kiln_export_jobs") {
+			t.Errorf("/metrics with %q: %d %.100s, want %d", scope, res.StatusCode, res.body, want)
+		}
+	}
+	if res := r.do("GET", root+"/metrics", nil); res.StatusCode != 401 {
+		t.Errorf("/metrics without a token: %d, want 401", res.StatusCode)
 	}
 }

@@ -105,6 +105,9 @@ func TestPublicURLIsNeverTheHostHeader(t *testing.T) {
 	if code, _, errOut := runCLI(t, "serve", "--addr", "0.0.0.0:0", "--insecure-no-auth", "--data", t.TempDir()); code != 1 || !strings.Contains(errOut, "--public-url is required") {
 		t.Errorf("beyond loopback without --public-url: %d %q", code, errOut)
 	}
+	if code, _, errOut := runCLI(t, "serve", "--metrics-addr", "0.0.0.0:0", "--data", t.TempDir()); code != 1 || !strings.Contains(errOut, "must be a loopback address") {
+		t.Errorf("--metrics-addr beyond loopback: %d %q", code, errOut)
+	}
 	k := &kilnProc{t: t, bin: buildKiln(t), args: []string{"--data", t.TempDir(), "--log-level", "error"}}
 	k.start()
 	defer k.stop()

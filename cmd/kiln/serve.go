@@ -96,7 +96,7 @@ func serveFlags(fs *flag.FlagSet) *serveConfig {
 	fs.DurationVar(&c.readHeaderTimeout, "read-header-timeout", 10*time.Second, "time a client has to send request headers (slowloris guard)")
 	fs.DurationVar(&c.idleTimeout, "idle-timeout", 2*time.Minute, "keep-alive connections idle longer are closed")
 	fs.DurationVar(&c.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, how long requests in flight may finish; running export units are handed back")
-	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address without authentication (default: /metrics on --addr, behind --auth)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this loopback address without authentication (default: /metrics on --addr, for access/*.read tokens)")
 	fs.BoolVar(&c.noMetrics, "no-metrics", false, "turn /metrics off")
 	fs.DurationVar(&c.leaderLease, "leader-lease", 15*time.Second, "with PostgreSQL, how long the export coordinator's leadership lasts unrenewed: another API server takes maintenance over within it when the leader dies")
 	k := &c.kafka
@@ -155,6 +155,13 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if err := c.auth.checkBind(c.addr, log); err != nil {
 		return err
+	}
+	if !c.noMetrics && c.metricsAddr != "" {
+		// The metrics listener has no authentication: it stays on loopback
+		// (a scraper beside the server, or a port-forward).
+		if loopback, err := isLoopback(c.metricsAddr); err != nil || !loopback {
+			return fmt.Errorf("--metrics-addr %s: the metrics listener has no authentication and serves every tenant's totals, so it must be a loopback address (scrape /metrics on the main port with an access/*.read token otherwise)", c.metricsAddr)
+		}
 	}
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
