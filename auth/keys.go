@@ -126,44 +126,106 @@ func StrongEnough(key any) error {
 }
 
 // remoteKeys is a JWKS fetched from a URL: cached, fetched again when a token
-// names an unknown kid, but not more often than every minInterval.
+// names an unknown kid, but not more often than every minInterval, and after
+// failures with a backoff doubling up to maxBackoff. The lock is never held
+// across the network: a token whose key is cached never waits for a fetch,
+// and concurrent tokens with unknown kids share one fetch.
 type remoteKeys struct {
 	url         string
 	client      *http.Client
 	minInterval time.Duration
+	maxBackoff  time.Duration
 	now         func() time.Time // the clock of the interval (tests pin it)
 
-	mu      sync.Mutex
-	set     *jose.JSONWebKeySet
-	fetched time.Time
+	mu       sync.Mutex
+	set      *jose.JSONWebKeySet
+	fetched  time.Time     // when the last fetch ended
+	wait     time.Duration // how long after it the next may start
+	failures int
+	lastErr  error         // the last fetch's failure, for the operator (never the caller)
+	inflight chan struct{} // closed when the fetch under way ends
 }
 
 func newRemoteKeys(url string) *remoteKeys {
-	return &remoteKeys{url: url, client: &http.Client{Timeout: 10 * time.Second}, minInterval: 30 * time.Second, now: time.Now}
+	client := &http.Client{Timeout: 10 * time.Second, CheckRedirect: sameHostRedirects}
+	return &remoteKeys{url: url, client: client, minInterval: 30 * time.Second, maxBackoff: 10 * time.Minute, now: time.Now}
 }
 
-// key returns the key with kid, refreshing the set at most once per interval.
+// sameHostRedirects follows at most 3 redirects, each on the JWKS URL's own
+// scheme and host: a key set must not come from wherever a redirect points.
+func sameHostRedirects(req *http.Request, via []*http.Request) error {
+	if len(via) >= 3 {
+		return errors.New("too many redirects")
+	}
+	if req.URL.Host != via[0].URL.Host || req.URL.Scheme != via[0].URL.Scheme {
+		return fmt.Errorf("redirect to another host (%s) refused", req.URL.Host)
+	}
+	return nil
+}
+
+// errNoKey is what a caller learns when no key verifies its token: the
+// reason (a fetch failure, an unknown kid) is for the server's log.
+var errNoKey = errors.New("no trusted key matches the token's kid")
+
+// key returns the key with kid, fetching the set when kid is unknown and the
+// interval (or the backoff after failures) has passed.
 func (r *remoteKeys) key(ctx context.Context, kid string) (*jose.JSONWebKey, error) {
+	for {
+		r.mu.Lock()
+		if r.set != nil {
+			if ks := r.set.Key(kid); len(ks) > 0 {
+				r.mu.Unlock()
+				return &ks[0], nil
+			}
+		}
+		if ch := r.inflight; ch != nil {
+			// Another token's fetch is under way: its result serves this one too.
+			r.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		if !r.fetched.IsZero() && r.now().Sub(r.fetched) < r.wait {
+			r.mu.Unlock()
+			return nil, errNoKey
+		}
+		ch := make(chan struct{})
+		r.inflight = ch
+		r.mu.Unlock()
+
+		set, err := fetchJWKS(context.WithoutCancel(ctx), r.client, r.url)
+		r.mu.Lock()
+		r.inflight, r.fetched = nil, r.now()
+		if err != nil {
+			r.failures++
+			r.lastErr = err
+			r.wait = min(r.minInterval<<min(r.failures-1, 16), max(r.maxBackoff, r.minInterval))
+		} else {
+			r.set, r.failures, r.lastErr, r.wait = set, 0, nil, r.minInterval
+		}
+		close(ch)
+		var key *jose.JSONWebKey
+		if r.set != nil {
+			if ks := r.set.Key(kid); len(ks) > 0 {
+				key = &ks[0]
+			}
+		}
+		r.mu.Unlock()
+		if key == nil {
+			return nil, errNoKey
+		}
+		return key, nil
+	}
+}
+
+// Err is the last JWKS fetch's failure (nil after a success).
+func (r *remoteKeys) Err() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.set != nil {
-		if ks := r.set.Key(kid); len(ks) > 0 {
-			return &ks[0], nil
-		}
-	}
-	if r.set != nil && r.now().Sub(r.fetched) < r.minInterval {
-		return nil, fmt.Errorf("no key %q in the JWKS at %s", kid, r.url)
-	}
-	set, err := fetchJWKS(ctx, r.client, r.url)
-	r.fetched = r.now()
-	if err != nil {
-		return nil, err
-	}
-	r.set = set
-	if ks := set.Key(kid); len(ks) > 0 {
-		return &ks[0], nil
-	}
-	return nil, fmt.Errorf("no key %q in the JWKS at %s", kid, r.url)
+	return r.lastErr
 }
 
 func fetchJWKS(ctx context.Context, client *http.Client, url string) (*jose.JSONWebKeySet, error) {

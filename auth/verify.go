@@ -231,6 +231,15 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 	return p, nil
 }
 
+// KeySetError is the last failure to fetch the JWKS URL (nil when none, or
+// after a success): for the server's log, never for the caller.
+func (v *Verifier) KeySetError() error {
+	if v.remote == nil {
+		return nil
+	}
+	return v.remote.Err()
+}
+
 // Tenancy is the tenancy the verifier applies to every token.
 func (v *Verifier) Tenancy() kiln.Tenancy { return v.cfg.Tenancy }
 

@@ -53,6 +53,9 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Requ
 			w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="kiln", error="invalid_token", error_description="%s"`, desc))
 		}
 		s.log.Info("authentication failed", "path", r.URL.Path, "reason", desc)
+		if kerr := s.cfg.Verifier.KeySetError(); kerr != nil {
+			s.log.Warn("the JWKS URL could not be fetched", "err", kerr)
+		}
 		s.cfg.Metrics.AuthFailure(failureReason(desc))
 		writeOutcome(w, http.StatusUnauthorized, "error", "security", kiln.ErrorMessage(err))
 		return nil
