@@ -28,3 +28,20 @@ func TestJSONBodyBounds(t *testing.T) {
 		t.Errorf("nested 82 deep: %d %.300s, want 201", res.StatusCode, res.body)
 	}
 }
+
+// TestConditionalBundleEntriesAreRefused (issue 17): a transaction entry
+// with ifNoneExist (or ifMatch, …) is refused with a 400 naming it, and the
+// transaction stores nothing — ignoring it would create a duplicate.
+func TestConditionalBundleEntriesAreRefused(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	tx := `{"resourceType":"Bundle","type":"transaction","entry":[
+		{"resource":{"resourceType":"Patient","id":"ok1"},"request":{"method":"PUT","url":"Patient/ok1"}},
+		{"resource":{"resourceType":"Patient","identifier":[{"system":"s","value":"1"}]},"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=s|1"}}]}`
+	res := e.do("POST", "/", []byte(tx), "Content-Type", "application/fhir+json")
+	if res.StatusCode != 400 || !strings.Contains(string(res.body), "Bundle.entry[1].request.ifNoneExist") {
+		t.Fatalf("transaction with ifNoneExist: %d %.300s, want 400 naming it", res.StatusCode, res.body)
+	}
+	if res := e.do("GET", "/Patient/ok1", nil); res.StatusCode != 404 {
+		t.Errorf("the refused transaction stored its other entry: %d", res.StatusCode)
+	}
+}

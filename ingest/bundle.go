@@ -62,6 +62,18 @@ func PrepareBundle(b map[string]any, opt BundleOptions) (kind string, entries []
 		if req != nil {
 			method, _ = req["method"].(string)
 			url, _ = req["url"].(string)
+			// Conditional requests Kiln does not carry out are refused, not
+			// ignored: ignoring ifNoneExist would create a duplicate, and
+			// ignoring ifMatch would overwrite a newer version.
+			for _, cond := range []string{"ifNoneExist", "ifMatch", "ifNoneMatch", "ifModifiedSince"} {
+				if _, ok := req[cond]; ok && en.Err == nil {
+					en.Err = kiln.Invalid(path+".request."+cond, "%s.request.%s is not supported in a Bundle: send the entry without it", path, cond)
+				}
+			}
+			if en.Err != nil {
+				entries[i] = en
+				continue
+			}
 		} else if kind == "transaction" || kind == "batch" {
 			en.Err = kiln.Invalid(path+".request", "%s.request is required in a %s Bundle", path, kind)
 			entries[i] = en
