@@ -277,7 +277,13 @@ func (s *Service) poke() {
 
 func (s *Service) patientsOf(ctx context.Context, snap time.Time, req *kiln.ExportRequest) ([]string, error) {
 	if len(req.Patients) == 0 {
-		return s.store.PatientsAt(ctx, snap, nil)
+		all, err := s.store.PatientsAt(ctx, snap, nil)
+		if err != nil || req.Tenants == nil {
+			return all, err
+		}
+		// Only the patients the token may see: the others' compartments
+		// would bring in what only their records reference.
+		return s.visible(ctx, "Patient", all, req.Tenants)
 	}
 	ids := uniqSorted(req.Patients)
 	found, err := s.store.PatientsAt(ctx, snap, ids)
@@ -384,6 +390,13 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 	found, err := s.store.PatientsAt(ctx, snap, members)
 	if err != nil {
 		return nil, err
+	}
+	if req.Tenants != nil {
+		// A member of another tenant "does not exist" either: the error
+		// file must not tell which ids are in use elsewhere.
+		if found, err = s.visible(ctx, "Patient", found, req.Tenants); err != nil {
+			return nil, err
+		}
 	}
 	for _, id := range minus(members, found) {
 		req.Warnings = append(req.Warnings, kiln.Issue{Expression: "Group/" + req.GroupID, Message: fmt.Sprintf("member Patient/%s does not exist; skipped", id)})

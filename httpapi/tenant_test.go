@@ -367,3 +367,62 @@ func TestMetricsNeedEveryTenant(t *testing.T) {
 		t.Errorf("/metrics without a token: %d, want 401", res.StatusCode)
 	}
 }
+
+// TestExportPopulationsAreTenantFiltered (issue 17, finding 6): a tenant-A
+// Group listing a tenant-B patient gets, under lenient handling, the same
+// "does not exist" line for it as for an id nobody uses (no existence
+// oracle), and a Patient-level export of tenant A does not bring in a
+// tenant-A Practitioner that only tenant B's records reference.
+func TestExportPopulationsAreTenantFiltered(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.* access/tenantB.*"))
+	sec := func(tenant string) string {
+		return fmt.Sprintf(`"meta":{"security":[{"system":%q,"code":%q}]}`, kiln.AccessSystem, tenant)
+	}
+	for path, body := range map[string]string{
+		"/Patient/pa":         `{"resourceType":"Patient","id":"pa",` + sec("tenantA") + `}`,
+		"/Patient/pb":         `{"resourceType":"Patient","id":"pb",` + sec("tenantB") + `}`,
+		"/Practitioner/onlyB": `{"resourceType":"Practitioner","id":"onlyB",` + sec("tenantA") + `}`,
+		"/Observation/ob":     `{"resourceType":"Observation","id":"ob","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/pb"},"performer":[{"reference":"Practitioner/onlyB"}],` + sec("tenantB") + `}`,
+		"/Group/g":            `{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/pa"}},{"entity":{"reference":"Patient/pb"}},{"entity":{"reference":"Patient/nobody"}}],` + sec("tenantA") + `}`,
+	} {
+		if res := r.do("PUT", path, []byte(body), admin...); res.StatusCode != 201 {
+			t.Fatalf("PUT %s: %d %s", path, res.StatusCode, res.body)
+		}
+	}
+	a := r.token(t, "alice", "system/*.read access/tenantA.read")
+	run := func(path string) manifest {
+		res := r.do("GET", path, nil, append(bearer(a), "Prefer", "respond-async, handling=lenient")...)
+		if res.StatusCode != 202 {
+			t.Fatalf("%s: %d %s", path, res.StatusCode, res.body)
+		}
+		return r.mustCompleteAuth(res.Header.Get("Content-Location"), a)
+	}
+	m := run("/Group/g/$export")
+	var lines []string
+	for _, e := range m.Error {
+		for _, l := range r.linesAuth(e.URL, a) {
+			lines = append(lines, string(l))
+		}
+	}
+	text := strings.Join(lines, "\n")
+	for _, id := range []string{"pb", "nobody"} {
+		if !strings.Contains(text, "member Patient/"+id+" does not exist; skipped") {
+			t.Errorf("Group error file for %s: %s", id, text)
+		}
+	}
+	for typ, ids := range r.idsAuth(m, a) {
+		for _, id := range ids {
+			if id == "pb" || id == "ob" {
+				t.Errorf("Group export holds tenant B's %s/%s", typ, id)
+			}
+		}
+	}
+	for typ, ids := range r.idsAuth(run("/Patient/$export"), a) {
+		for _, id := range ids {
+			if typ == "Practitioner" && id == "onlyB" {
+				t.Error("the Patient-level export brought in a Practitioner only tenant B's records reference")
+			}
+		}
+	}
+}
