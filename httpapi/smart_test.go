@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -259,12 +260,42 @@ type tenantData struct {
 	dir    string
 	tenant map[string]string // type/id → tenant
 	lab    map[string]bool   // type/id of laboratory Observations
+	// patients are the patient ids each record references (a Patient: its
+	// own id), read from the files with a pattern, not with Kiln's code.
+	patients map[string][]string
+}
+
+var patientRef = regexp.MustCompile(`"reference":"Patient/([^"/]+)"`)
+
+// inPopulation reports whether ref is tied to one of the given patients.
+func (d tenantData) inPopulation(ref string, patients map[string]bool) bool {
+	for _, p := range d.patients[ref] {
+		if patients[p] {
+			return true
+		}
+	}
+	return false
 }
 
 func newTenantData(t *testing.T) tenantData {
 	t.Helper()
 	dir, owned := taggedSet(t, "synthea-r4-10")
-	d := tenantData{dir: dir, tenant: map[string]string{}, lab: map[string]bool{}}
+	d := tenantData{dir: dir, tenant: map[string]string{}, lab: map[string]bool{}, patients: map[string][]string{}}
+	files, _ := filepath.Glob(filepath.Join(dir, "*.ndjson"))
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		for _, line := range bytes.Split(bytes.TrimSpace(b), []byte("\n")) {
+			var r struct{ ResourceType, ID string }
+			json.Unmarshal(line, &r)
+			ref := r.ResourceType + "/" + r.ID
+			if r.ResourceType == "Patient" {
+				d.patients[ref] = []string{r.ID}
+			}
+			for _, m := range patientRef.FindAllSubmatch(line, -1) {
+				d.patients[ref] = append(d.patients[ref], string(m[1]))
+			}
+		}
+	}
 	for tenant, refs := range owned {
 		for ref := range refs {
 			d.tenant[ref] = tenant
