@@ -71,9 +71,20 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	fmt.Fprintf(stdout, "generated %d resources in %.1fs; store: %s\n\n", st.Total(), time.Since(start).Seconds(), sf.kind)
-	fmt.Fprintf(stdout, "%-16s %12s %10s %9s %12s %8s %10s\n", "phase", "resources", "MB", "seconds", "resources/s", "MB/s", "peak RSS MB")
-	row := func(name string, n, bytes int64, d time.Duration) {
-		fmt.Fprintf(stdout, "%-16s %12d %10.1f %9.2f %12.0f %8.1f %10.0f\n", name, n, float64(bytes)/1e6, d.Seconds(), float64(n)/d.Seconds(), float64(bytes)/1e6/d.Seconds(), peakRSS())
+	// The limits, measured here beside Kiln: each phase below is also a
+	// ratio to one of them (import to the raw insert, exports to the raw
+	// scan of the same store; the file copy is the bytes' own limit).
+	var limits struct{ copy, insert, scan limit }
+	var err2 error
+	if limits.copy, err2 = copyLimit(genDir, filepath.Join(dir, "copy-limit.ndjson")); err2 != nil {
+		return fmt.Errorf("file copy limit: %w", err2)
+	}
+	row := func(name string, n, bytes int64, d time.Duration, to limit) {
+		ratio := "-"
+		if to.d > 0 {
+			ratio = fmt.Sprintf("%.2f", float64(n)/d.Seconds()/to.rate())
+		}
+		fmt.Fprintf(stdout, "%-16s %12d %10.1f %9.2f %12.0f %8.1f %10.0f %9s\n", name, n, float64(bytes)/1e6, d.Seconds(), float64(n)/d.Seconds(), float64(bytes)/1e6/d.Seconds(), peakRSS(), ratio)
 	}
 	dataDir := filepath.Join(dir, "data")
 	sf.data = dataDir
@@ -87,6 +98,14 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer closer.Close()
+	if sf.kind == "postgres" {
+		limits.insert, err = pgInsertLimit(ctx, sf.postgresURL, sf.postgresSchema, genDir)
+	} else {
+		limits.insert, err = sqliteInsertLimit(ctx, genDir, dir)
+	}
+	if err != nil {
+		return fmt.Errorf("raw insert limit: %w", err)
+	}
 
 	resetPeakRSS()
 	runtime.GC()
@@ -103,7 +122,21 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}
 	}
-	row("import", ls.Read, inBytes, time.Since(start))
+	importTime := time.Since(start)
+	if sf.kind == "postgres" {
+		limits.scan, err = pgScanLimit(ctx, sf.postgresURL, sf.postgresSchema, filepath.Join(dir, "scan-limit.ndjson"))
+	} else {
+		limits.scan, err = sqliteScanLimit(ctx, filepath.Join(dataDir, "kiln.db"), filepath.Join(dir, "scan-limit.ndjson"))
+	}
+	if err != nil {
+		return fmt.Errorf("raw scan limit: %w", err)
+	}
+	fmt.Fprintf(stdout, "%-16s %12s %9s %12s\n", "limit", "resources", "seconds", "resources/s")
+	for _, l := range []limit{limits.copy, limits.insert, limits.scan} {
+		fmt.Fprintf(stdout, "%-16s %12d %9.2f %12.0f\n", l.name, l.resources, l.d.Seconds(), l.rate())
+	}
+	fmt.Fprintf(stdout, "\n%-16s %12s %10s %9s %12s %8s %10s %9s\n", "phase", "resources", "MB", "seconds", "resources/s", "MB/s", "peak RSS MB", "to limit")
+	row("import", ls.Read, inBytes, importTime, limits.insert)
 	os.RemoveAll(genDir)
 
 	sink, err := localfs.New(filepath.Join(dataDir, "exports"))
@@ -157,7 +190,11 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil {
 			return fmt.Errorf("%s: %w", e.name, err)
 		}
-		row(e.name, n, b, time.Since(start))
+		to := limits.scan
+		if strings.Contains(e.path, "_typeFilter") {
+			to = limit{} // it reads one type, not the whole store: no like-for-like limit
+		}
+		row(e.name, n, b, time.Since(start), to)
 	}
 	return nil
 }
