@@ -426,3 +426,29 @@ func TestExportPopulationsAreTenantFiltered(t *testing.T) {
 		}
 	}
 }
+
+// TestBundleEntriesAskThePolicy: every entry of a transaction or batch
+// Bundle is authorised like the same single request — tenant A cannot
+// overwrite or delete tenant B's record through a Bundle.
+func TestBundleEntriesAskThePolicy(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	b := bearer(r.token(t, "bob", "system/*.* access/tenantB.*"))
+	a := bearer(r.token(t, "alice", "system/*.* access/tenantA.*"))
+	if res := r.do("PUT", "/Observation/b1", tenantObs("b1", "secret-of-B", "tenantB"), b...); res.StatusCode != 201 {
+		t.Fatalf("B creates: %d %s", res.StatusCode, res.body)
+	}
+	takeover := fmt.Sprintf(`{"resourceType":"Bundle","type":"%%s","entry":[{"resource":%s,"request":{"method":"PUT","url":"Observation/b1"}},{"request":{"method":"DELETE","url":"Observation/b1"}}]}`,
+		tenantObs("b1", "A-takes-over", "tenantA"))
+	for _, kind := range []string{"transaction", "batch"} {
+		res := r.do("POST", "/", []byte(fmt.Sprintf(takeover, kind)), append(a, "Content-Type", "application/fhir+json")...)
+		if kind == "transaction" && res.StatusCode != 404 {
+			t.Errorf("transaction over B's record: %d %.200s, want 404", res.StatusCode, res.body)
+		}
+		if kind == "batch" && (res.StatusCode != 200 || strings.Count(string(res.body), `"status":"404"`) != 2) {
+			t.Errorf("batch over B's record: %d %.400s, want two 404 entries", res.StatusCode, res.body)
+		}
+	}
+	if res := r.do("GET", "/Observation/b1", nil, b...); res.StatusCode != 200 || !strings.Contains(string(res.body), "secret-of-B") {
+		t.Errorf("B's record after A's Bundles: %d %.200s", res.StatusCode, res.body)
+	}
+}
