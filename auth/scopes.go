@@ -350,6 +350,21 @@ func InCompartment(typ string, m map[string]any, patient string) bool {
 	return slices.Contains(fhir.Extract(typ, id, m, fhir.Options{}).Patients, patient)
 }
 
+// OnlyInCompartment reports whether a decoded resource of typ is in the
+// compartment of patient and of no other patient: what a patient/ write
+// scope may create or change (a record naming the patient only as, say,
+// performer beside another subject is that other patient's too).
+func OnlyInCompartment(typ string, m map[string]any, patient string) bool {
+	id, _ := m["id"].(string)
+	ps := fhir.Extract(typ, id, m, fhir.Options{}).Patients
+	for _, p := range ps {
+		if p != patient {
+			return false
+		}
+	}
+	return len(ps) > 0
+}
+
 // CanWrite reports whether resources of typ may be written (only some,
 // when WritesOnlyPatient).
 func (p *Principal) CanWrite(typ string) bool {
@@ -358,7 +373,7 @@ func (p *Principal) CanWrite(typ string) bool {
 
 // WritesOnlyPatient reports whether the only grant to write typ is a
 // patient/ scope: then the record, before and after the change, must be in
-// the compartment of the patient it returns.
+// the compartment of the patient it returns and of no other (OnlyInCompartment).
 func (p *Principal) WritesOnlyPatient(typ string) (string, bool) {
 	if p.Write["*"] || p.Write[typ] {
 		return "", false

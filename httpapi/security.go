@@ -131,10 +131,11 @@ func visible(p *auth.Principal, body []byte) bool {
 
 func accessCodes(body []byte) []string { return kiln.AccessCodesOf(body) }
 
-// inCompartment reports whether a stored body of typ is in the compartment of patient.
-func inCompartment(typ string, body []byte, patient string) bool {
+// onlyInCompartment reports whether a body of typ is in the compartment of
+// patient and of no other patient.
+func onlyInCompartment(typ string, body []byte, patient string) bool {
 	m, err := fhir.DecodeJSON(body)
-	return err == nil && auth.InCompartment(typ, m, patient)
+	return err == nil && auth.OnlyInCompartment(typ, m, patient)
 }
 
 // authorizeWrite checks a write: the type scope, the access codes the new
@@ -151,8 +152,8 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
 	}
 	patient, patientOnly := p.WritesOnlyPatient(w.Type)
-	if patientOnly && w.Kind != kiln.Delete && !inCompartment(w.Type, w.Body, patient) {
-		return auth.Forbidden("the token's patient/ scopes allow writing only resources in the compartment of Patient/%s", patient)
+	if patientOnly && w.Kind != kiln.Delete && !onlyInCompartment(w.Type, w.Body, patient) {
+		return auth.Forbidden("the token's patient/ scopes allow writing only resources in the compartment of Patient/%s and of no other patient", patient)
 	}
 	if w.Kind != kiln.Delete {
 		if !p.CanTag(w.AccessCodes) {
@@ -169,7 +170,7 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if before == nil {
 		return nil // a new record
 	}
-	if !visible(p, before) || patientOnly && !inCompartment(w.Type, before, patient) {
+	if !visible(p, before) || patientOnly && !onlyInCompartment(w.Type, before, patient) {
 		return kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", w.Type, w.ID)
 	}
 	if codes := accessCodes(before); !p.CanTag(codes) {

@@ -235,6 +235,7 @@ func TestPatientScopesWriteOnlyTheirPatient(t *testing.T) {
 		{"PUT", "/Observation/moved", obs("moved", "p2"), 403},   // about another patient
 		{"PUT", "/Observation/mine", obs("mine", "p2"), 403},     // moving its own to another patient
 		{"PUT", "/Observation/theirs", obs("theirs", "p1"), 404}, // taking another patient's
+		{"PUT", "/Observation/both", []byte(fmt.Sprintf(`{"resourceType":"Observation","id":"both","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p2"},"performer":[{"reference":"Patient/p1"}],"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`, kiln.AccessSystem)), 403}, // into another patient's chart, as performer
 		{"DELETE", "/Observation/theirs", nil, 404},
 		{"GET", "/Observation/theirs", nil, 404},
 		{"DELETE", "/Observation/mine", nil, 204},
