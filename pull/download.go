@@ -195,6 +195,12 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 	if firstErr != nil {
 		return res, firstErr
 	}
+	// Every file is verified: the server's manifest is kept with them, so
+	// that a resume from here on needs nothing more from the server (its
+	// export may have expired by then).
+	if err := c.stageManifest(st, m); err != nil {
+		return res, err
+	}
 	c.failpoint(StepVerified)
 	failed := 0
 	for _, is := range res.Issues {
@@ -230,11 +236,12 @@ func (c *Client) fetch(ctx context.Context, st *State, m *Manifest, f File, kind
 				return checked{}, err
 			}
 		}
-		tokenFor := ""
+		var tokenFor []string
 		if m.RequiresAccessToken {
-			tokenFor = st.Request.Server
+			tokenFor = st.origins()
 		}
 		res, err := c.do(ctx, http.MethodGet, f.URL, nil, tokenFor, func(r *http.Request) { r.Header.Set("Accept", "application/fhir+ndjson") })
+
 		if err != nil {
 			lastErr = err
 			continue
@@ -277,31 +284,41 @@ func (c *Client) fetch(ctx context.Context, st *State, m *Manifest, f File, kind
 	return checked{}, fmt.Errorf("gave up after %d attempts: %w", c.opt.MaxRetries+1, lastErr)
 }
 
-// save1 writes a response body to path and syncs it to disk.
+// save1 writes a response body to path and syncs it to disk; a body cut
+// short (io.ErrUnexpectedEOF from the transport) is an error.
 func (c *Client) save1(path string, body io.Reader) error {
 	out, err := os.Create(path)
 	if err != nil {
 		return err
 	}
 	defer out.Close()
-	buf := make([]byte, 64<<10)
-	n, err := io.ReadFull(body, buf)
-	if _, werr := out.Write(buf[:n]); werr != nil {
-		return werr
-	}
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		err = nil
-	} else if err == nil {
-		c.failpoint(StepFileBody)
-		_, err = io.CopyBuffer(out, body, buf)
-	}
-	if err != nil {
+	w := &bodyWriter{w: out, fire: func() { c.failpoint(StepFileBody) }}
+	if _, err := io.Copy(w, body); err != nil {
 		return err
 	}
 	if err := out.Sync(); err != nil {
 		return err
 	}
 	return out.Close()
+}
+
+// bodyWriter calls fire once the first 64 KiB of a body are written: the
+// point where a crash leaves a part file behind.
+type bodyWriter struct {
+	w     io.Writer
+	n     int64
+	fired bool
+	fire  func()
+}
+
+func (b *bodyWriter) Write(p []byte) (int, error) {
+	n, err := b.w.Write(p)
+	b.n += int64(n)
+	if !b.fired && b.n >= 64<<10 {
+		b.fired = true
+		b.fire()
+	}
+	return n, err
 }
 
 // verify checks a file: every line parses, has the manifest's

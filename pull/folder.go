@@ -373,3 +373,40 @@ func VerifyFolder(dir string) (files int, resources int64, problems []string, er
 	}
 	return files, resources, problems, nil
 }
+
+// stagedManifest is the server's manifest of a verified run, kept in the
+// staging folder until the run is committed.
+type stagedManifest struct {
+	RunID    string          `json:"runId"`
+	Manifest json.RawMessage `json:"manifest"`
+}
+
+const stagedManifestFile = "server-manifest.json"
+
+func (c *Client) stageManifest(st *State, m *Manifest) error {
+	b, err := json.Marshal(stagedManifest{RunID: st.RunID, Manifest: m.raw})
+	if err != nil {
+		return err
+	}
+	return writeAtomic(filepath.Join(c.staging(), stagedManifestFile+".tmp"), filepath.Join(c.staging(), stagedManifestFile), b)
+}
+
+// StagedManifest returns the manifest of st's run when every file of it was
+// verified before an interruption: the resume then needs nothing from the
+// server, whose export may be gone.
+func (c *Client) StagedManifest(st *State) (*Manifest, bool) {
+	b, err := os.ReadFile(filepath.Join(c.staging(), stagedManifestFile))
+	if err != nil {
+		return nil, false
+	}
+	var sm stagedManifest
+	if json.Unmarshal(b, &sm) != nil || sm.RunID != st.RunID {
+		return nil, false
+	}
+	var m Manifest
+	if json.Unmarshal(sm.Manifest, &m) != nil {
+		return nil, false
+	}
+	m.raw = sm.Manifest
+	return &m, true
+}

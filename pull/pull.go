@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -237,7 +238,7 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 	var res *http.Response
 	for attempt := 0; ; attempt++ {
 		var err error
-		res, err = c.do(ctx, method, u, body, req.Server, func(r *http.Request) {
+		res, err = c.do(ctx, method, u, body, []string{req.Server}, func(r *http.Request) {
 			r.Header.Set("Accept", "application/fhir+json")
 			prefer := "respond-async"
 			if req.Lenient {
@@ -307,7 +308,7 @@ func (c *Client) save(st *State) error {
 
 // Cancel asks the server to cancel (or forget) the export.
 func (c *Client) Cancel(ctx context.Context, st *State) error {
-	res, err := c.do(ctx, http.MethodDelete, st.StatusURL, nil, st.Request.Server, nil)
+	res, err := c.do(ctx, http.MethodDelete, st.StatusURL, nil, st.origins(), nil)
 	if err != nil {
 		return err
 	}
@@ -326,7 +327,7 @@ func (c *Client) Wait(ctx context.Context, st *State) (*Manifest, error) {
 	fails := 0
 	for {
 		c.failpoint(StepPoll)
-		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, st.Request.Server, func(r *http.Request) {
+		res, err := c.do(ctx, http.MethodGet, st.StatusURL, nil, st.origins(), func(r *http.Request) {
 			r.Header.Set("Accept", "application/json")
 			// RFC 7240: a server that supports it answers as soon as the
 			// export ends, within the wait, instead of a poll interval later.
@@ -393,11 +394,16 @@ func isFailedExport(body []byte) bool {
 	return true
 }
 
+// origins are where the pull's bearer token may go: the server it was
+// started with and the status URL that server answered with (the same
+// server under the name it gives itself, e.g. 127.0.0.1 for localhost).
+func (st *State) origins() []string { return []string{st.Request.Server, st.StatusURL} }
+
 // do sends a request, retrying network errors; the bearer token goes only
-// to the origin (scheme, host and port) of tokenFor, the server's base URL
-// ("" for none): a status or file URL on another host — a presigned URL,
-// or a server sending the client elsewhere — never gets it.
-func (c *Client) do(ctx context.Context, method, u string, body []byte, tokenFor string, edit func(*http.Request)) (*http.Response, error) {
+// to the origins (scheme, host and port) of tokenFor (none when empty): a
+// file URL on another host — a presigned URL, or a server sending the
+// client elsewhere — never gets it.
+func (c *Client) do(ctx context.Context, method, u string, body []byte, tokenFor []string, edit func(*http.Request)) (*http.Response, error) {
 	var lastErr error
 	for attempt := 0; attempt <= c.opt.MaxRetries; attempt++ {
 		if attempt > 0 {
@@ -416,7 +422,7 @@ func (c *Client) do(ctx context.Context, method, u string, body []byte, tokenFor
 		if edit != nil {
 			edit(req)
 		}
-		if tokenFor != "" && c.opt.Tokens != nil && sameOrigin(req.URL, tokenFor) {
+		if c.opt.Tokens != nil && slices.ContainsFunc(tokenFor, func(base string) bool { return sameOrigin(req.URL, base) }) {
 			tok, err := c.opt.Tokens.Token(ctx)
 			if err != nil {
 				return nil, fmt.Errorf("authentication: %w", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -272,7 +273,18 @@ func TestTokenGoesOnlyToTheServer(t *testing.T) {
 			mu.Unlock()
 			fmt.Fprintln(w, `{"resourceType":"Patient","id":"a"}`)
 		}})
-	if _, err := f.pull(t, f.client(t.TempDir(), func(o *pull.Options) { o.Tokens = pull.StaticToken("s3cret") })); err != nil {
+	// Started as localhost: the server answers with its 127.0.0.1 name,
+	// which is its own origin too (it said so in Content-Location).
+	c := f.client(t.TempDir(), func(o *pull.Options) { o.Tokens = pull.StaticToken("s3cret") })
+	st, err := c.Start(context.Background(), pull.Request{Server: strings.Replace(f.srv.URL, "127.0.0.1", "localhost", 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.Wait(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Download(context.Background(), st, m); err != nil {
 		t.Fatal(err)
 	}
 	if !sawToken["status"] || !sawToken["own file"] {
@@ -280,5 +292,82 @@ func TestTokenGoesOnlyToTheServer(t *testing.T) {
 	}
 	if sawToken["other"] {
 		t.Error("the token was sent to a file URL on another host")
+	}
+}
+
+// TestResumeNeedsNoServerOnceVerified: a pull killed after every file was
+// verified — here while it moves them into the folder — is finished by a
+// resume even when the server's export is gone.
+func TestResumeNeedsNoServerOnceVerified(t *testing.T) {
+	f := newFakeExport(t, nil, `{"transactionTime":"2026-01-01T00:00:00Z","request":"x","output":[
+		{"type":"Patient","url":"%[1]s/p","count":2},{"type":"Condition","url":"%[1]s/c","count":1}],"error":[]}`,
+		map[string]http.HandlerFunc{
+			"/p": lines(`{"resourceType":"Patient","id":"a"}`, `{"resourceType":"Patient","id":"b"}`),
+			"/c": lines(`{"resourceType":"Condition","id":"c1"}`),
+		})
+	dir := t.TempDir()
+	type crash struct{}
+	c := f.client(dir, func(o *pull.Options) {
+		o.Failpoint = func(s pull.Step) {
+			if s == pull.StepMoved {
+				panic(crash{})
+			}
+		}
+	})
+	func() {
+		defer func() {
+			if _, ok := recover().(crash); !ok {
+				t.Fatal("the pull did not reach the move")
+			}
+		}()
+		f.pull(t, c)
+	}()
+	f.srv.Close() // the export is gone
+	c2 := f.client(dir, nil)
+	st, err := c2.Resume()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, ok := c2.StagedManifest(st)
+	if !ok {
+		t.Fatal("no staged manifest after every file was verified")
+	}
+	if _, err := c2.Download(context.Background(), st, m); err != nil {
+		t.Fatalf("resume without the server: %v", err)
+	}
+	if files, res, problems, err := pull.VerifyFolder(dir); err != nil || len(problems) > 0 || files != 2 || res != 3 {
+		t.Fatalf("after the resume: %d files, %d resources, %v %v", files, res, problems, err)
+	}
+}
+
+// TestBodyCutShortIsNotAccepted: a file whose body ends before its
+// Content-Length — on a line boundary, with no count in the manifest — is
+// a broken download, fetched again, not a verified file.
+func TestBodyCutShortIsNotAccepted(t *testing.T) {
+	var mu sync.Mutex
+	gets := 0
+	f := newFakeExport(t, nil, `{"transactionTime":"2026-01-01T00:00:00Z","request":"x","output":[{"type":"Patient","url":"%[1]s/p"}],"error":[]}`,
+		map[string]http.HandlerFunc{"/p": func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			gets++
+			first := gets == 1
+			mu.Unlock()
+			full := `{"resourceType":"Patient","id":"a"}` + "\n" + `{"resourceType":"Patient","id":"b"}` + "\n"
+			if first {
+				w.Header().Set("Content-Length", fmt.Sprint(len(full)))
+				io.WriteString(w, full[:strings.Index(full, "\n")+1]) // one whole line, then the connection ends
+				return
+			}
+			io.WriteString(w, full)
+		}})
+	dir := t.TempDir()
+	if _, err := f.pull(t, f.client(dir, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if gets < 2 {
+		t.Fatal("the body cut short was accepted")
+	}
+	if _, res, problems, _ := pull.VerifyFolder(dir); res != 2 || len(problems) > 0 {
+		t.Fatalf("after the retry: %d resources, %v", res, problems)
 	}
 }

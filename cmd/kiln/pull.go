@@ -102,6 +102,10 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		*server = st.Request.Server
 	}
+	if st != nil && st.Completed {
+		fmt.Fprintf(stdout, "the pull in %s is complete; nothing to resume\n", dir)
+		return nil
+	}
 	if *server == "" {
 		fs.Usage()
 		return errUsage
@@ -242,9 +246,14 @@ func killAt(spec string) (func(pull.Step), error) {
 }
 
 func runPull(ctx context.Context, c *pull.Client, st *pull.State) (*pull.Result, error) {
-	m, err := c.Wait(ctx, st)
-	if err != nil {
-		return nil, err
+	// A run interrupted after every file was verified finishes from the
+	// staging folder, even if the server's export is gone by now.
+	m, staged := c.StagedManifest(st)
+	if !staged {
+		var err error
+		if m, err = c.Wait(ctx, st); err != nil {
+			return nil, err
+		}
 	}
 	return c.Download(ctx, st, m)
 }
