@@ -248,6 +248,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(rec, r.Body, s.cfg.MaxBodyBytes)
 	lease := &bodyLease{sem: s.decoding, maxValues: s.cfg.MaxBodyValues, maxDepth: s.cfg.MaxBodyDepth}
 	defer lease.release()
+	rec.onAnswer = lease.release
 	r = r.WithContext(context.WithValue(r.Context(), bodyLeaseKey{}, lease))
 	authed := s.authenticate(rec, r)
 	if authed == nil {
@@ -263,18 +264,33 @@ type statusRecorder struct {
 	http.ResponseWriter
 	status int
 	wrote  bool
+	// onAnswer runs once when the response starts: the request's decode
+	// budget goes back then, so a client slow to read its answer holds none.
+	onAnswer func()
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
 	if !r.wrote {
 		r.status, r.wrote = code, true
+		r.answering()
 	}
 	r.ResponseWriter.WriteHeader(code)
 }
 
 func (r *statusRecorder) Write(b []byte) (int, error) {
-	r.wrote = true
+	if !r.wrote {
+		r.wrote = true
+		r.answering()
+	}
 	return r.ResponseWriter.Write(b)
+}
+
+// answering runs onAnswer once, as the response starts.
+func (r *statusRecorder) answering() {
+	if r.onAnswer != nil {
+		r.onAnswer()
+		r.onAnswer = nil
+	}
 }
 
 func (r *statusRecorder) Flush() {

@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"context"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -50,4 +51,33 @@ func TestDecodeBudgetIsReturned(t *testing.T) {
 		t.Fatal("a body read while the budget is spent did not wait")
 	}
 	s.decoding.Release(100)
+}
+
+// TestDecodeBudgetReturnsWhenTheAnswerStarts: a request gives its share
+// back as its response starts, so a client that never reads its answer
+// holds none of the budget.
+func TestDecodeBudgetReturnsWhenTheAnswerStarts(t *testing.T) {
+	s := New(nil, nil, Config{MaxBodyValues: 100, DecodeBudget: 100}, nil)
+	answered, finish := make(chan struct{}), make(chan struct{})
+	s.mux.HandleFunc("PUT /slow", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := readBody(r); err != nil {
+			t.Error(err)
+		}
+		w.WriteHeader(http.StatusOK)
+		close(answered)
+		<-finish // as if writing to a client that does not read
+	})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("PUT", "/slow", strings.NewReader(`{"a":[1,2,3]}`)))
+	}()
+	<-answered
+	if !s.decoding.TryAcquire(100) {
+		t.Error("the budget is still held while the answer is written")
+	} else {
+		s.decoding.Release(100)
+	}
+	close(finish)
+	<-done
 }
