@@ -1222,7 +1222,12 @@ func (s *Service) waitUnits(deadline time.Time) {
 
 func (s *Service) remove(ctx context.Context, j *kiln.Job) error {
 	if err := s.removeFiles(ctx, j); err != nil {
-		return err
+		if kiln.ErrorCode(err) != kiln.EINVALID {
+			return err // passing (a sink away for a moment): the next sweep retries
+		}
+		// A location this process cannot open (the sink was changed since):
+		// the record goes, and the operator is told where the files are.
+		s.log.Error("export removed, but its files are at a location this server cannot reach", "job", j.ID, "location", j.Settings.Sink, "err", err)
 	}
 	return s.jobs.DeleteJob(ctx, j.ID)
 }
@@ -1274,6 +1279,7 @@ func (s *Service) Sweep(ctx context.Context) error {
 		return err
 	}
 	now := s.cfg.Now()
+	var errs []error
 	for _, j := range jobs {
 		if j.State == kiln.JobCancelled || (!j.Expires.IsZero() && now.After(j.Expires)) {
 			s.mu.Lock()
@@ -1283,12 +1289,14 @@ func (s *Service) Sweep(ctx context.Context) error {
 				continue
 			}
 			if err := s.remove(ctx, j); err != nil {
-				return err
+				// One job that cannot go must not keep the others.
+				errs = append(errs, fmt.Errorf("remove export %s: %w", j.ID, err))
+				continue
 			}
 			s.log.Info("export removed", "job", j.ID, "state", j.State)
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // FileURL returns where a client downloads a manifest file, when the sink

@@ -229,3 +229,50 @@ func TestJobSettingsTravelWithTheJob(t *testing.T) {
 		t.Errorf("the server reads %d resources of the job's files, want 5", lines)
 	}
 }
+
+// TestSweepGoesOnPastAnUnreachableLocation: an expired export whose files
+// are at a location this process cannot open (the sink was changed since)
+// is removed all the same, with the location logged, and does not keep the
+// sweep from removing the other expired exports.
+func TestSweepGoesOnPastAnUnreachableLocation(t *testing.T) {
+	ctx := context.Background()
+	db, sink := openLocal(t)
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	svc := export.New(db, db, sink, export.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Retention: time.Hour, Now: clock, Workers: 1})
+	r := &rig{db: db, svc: svc}
+	r.put(t, `{"resourceType":"Patient","id":"a"}`)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); svc.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	var ids []string
+	for range 2 {
+		job, err := svc.Start(ctx, systemReq(), "t")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(time.Minute); job.State != kiln.JobCompleted; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) || job.State == kiln.JobFailed {
+				t.Fatalf("export %s", job.State)
+			}
+			job, _ = svc.Job(ctx, job.ID)
+		}
+		ids = append(ids, job.ID)
+	}
+	if _, err := db.UpdateJob(ctx, ids[0], func(j *kiln.Job) error { j.Settings.Sink = "s3://another-bucket/exports"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	if err := svc.Sweep(ctx); err != nil {
+		t.Fatalf("sweep: %v", err)
+	}
+	for _, id := range ids {
+		if _, err := svc.Job(ctx, id); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+			t.Errorf("expired export %s after the sweep: %v", id, err)
+		}
+	}
+}
