@@ -215,6 +215,9 @@ func pgInsertLimit(ctx context.Context, url, schema, genDir string) (limit, erro
 		}
 	}
 	defer conn.Exec(context.WithoutCancel(ctx), `DROP TABLE IF EXISTS `+table)
+	// The producer stops with the copy, also when the copy fails.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	lu := time.Now().UnixMilli()
 	rows := make(chan []any, 1024)
 	var n int64
