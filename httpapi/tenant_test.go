@@ -453,3 +453,39 @@ func TestBundleEntriesAskThePolicy(t *testing.T) {
 		t.Errorf("B's record after A's Bundles: %d %.200s", res.StatusCode, res.body)
 	}
 }
+
+// TestWritesNeedAWriteScope: a token whose scopes do not write the type —
+// read-only, or write scopes for other types — gets 403 for PUT, POST,
+// DELETE and Bundle entries, and nothing changes.
+func TestWritesNeedAWriteScope(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.*"))
+	if res := r.do("PUT", "/Observation/w1", tenantObs("w1", "original", "tenantA"), admin...); res.StatusCode != 201 {
+		t.Fatalf("seed: %d %s", res.StatusCode, res.body)
+	}
+	for name, scope := range map[string]string{
+		"read only":            "system/*.read access/tenantA.*",
+		"another type's write": "system/Patient.write system/Observation.read access/tenantA.*",
+	} {
+		tok := bearer(r.token(t, "w", scope))
+		for _, c := range []struct {
+			method, path string
+			body         []byte
+		}{
+			{"PUT", "/Observation/w1", tenantObs("w1", "changed", "tenantA")},
+			{"POST", "/Observation", []byte(fmt.Sprintf(`{"resourceType":"Observation","status":"final","code":{"text":"created"},"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`, kiln.AccessSystem))},
+			{"DELETE", "/Observation/w1", nil},
+		} {
+			if res := r.do(c.method, c.path, c.body, tok...); res.StatusCode != 403 {
+				t.Errorf("%s: %s %s: %d, want 403", name, c.method, c.path, res.StatusCode)
+			}
+		}
+		tx := fmt.Sprintf(`{"resourceType":"Bundle","type":"transaction","entry":[{"resource":%s,"request":{"method":"PUT","url":"Observation/w1"}}]}`, tenantObs("w1", "changed", "tenantA"))
+		if res := r.do("POST", "/", []byte(tx), append(tok, "Content-Type", "application/fhir+json")...); res.StatusCode != 403 {
+			t.Errorf("%s: transaction: %d, want 403", name, res.StatusCode)
+		}
+	}
+	if res := r.do("GET", "/Observation/w1", nil, admin...); res.StatusCode != 200 || !strings.Contains(string(res.body), "original") {
+		t.Errorf("the record after the refused writes: %d %.200s", res.StatusCode, res.body)
+	}
+}
