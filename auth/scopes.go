@@ -6,7 +6,6 @@ package auth
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"strings"
 
@@ -27,11 +26,11 @@ type Principal struct {
 	// launch context's patient claim). patient/ scopes grant only resources
 	// in that patient's compartment, and nothing without a context.
 	PatientContext string
-	// Resource types readable (Read["*"] for all) and writable, by
-	// system/ and user/ scopes.
-	Read, Write map[string]bool
-	// patientRead and patientWrite are the types of patient/ scopes.
-	patientRead, patientWrite map[string]bool
+	// Resource types readable by id (Read["*"] for all: SMART v2 r),
+	// searchable (s) and writable, by system/ and user/ scopes.
+	Read, Search, Write map[string]bool
+	// patientRead, patientSearch and patientWrite are the types of patient/ scopes.
+	patientRead, patientSearch, patientWrite map[string]bool
 	// AccessAll: every tenant (access/*.read, or no authentication).
 	AccessAll bool
 	// Access are the tenant codes readable; AccessWrite those writable.
@@ -49,11 +48,13 @@ type scopeFilter struct {
 	q   *fhir.Query
 	// patient: a patient/ scope's filter, which also needs the compartment.
 	patient bool
+	// perms are the read permissions it grants (PermRead, PermSearch).
+	perms Perm
 }
 
 // Anonymous is the principal when authentication is off: it may do everything.
 func Anonymous() *Principal {
-	return &Principal{Name: "anonymous", Read: map[string]bool{"*": true}, Write: map[string]bool{"*": true}, AccessAll: true, HasAccessScope: true}
+	return &Principal{Name: "anonymous", Read: map[string]bool{"*": true}, Search: map[string]bool{"*": true}, Write: map[string]bool{"*": true}, AccessAll: true, HasAccessScope: true}
 }
 
 // Perm is a set of SMART v2 permissions (the letters of "cruds").
@@ -182,7 +183,8 @@ func Grant(registered, requested string) (granted string, dropped []string, err 
 // filter on writes, on *, or one Kiln cannot evaluate grants nothing; other
 // scopes (openid, launch, …) are kept but grant nothing.
 func ParseScopes(name, scope string) *Principal {
-	p := &Principal{Name: name, Read: map[string]bool{}, Write: map[string]bool{}, patientRead: map[string]bool{}, patientWrite: map[string]bool{}}
+	p := &Principal{Name: name, Read: map[string]bool{}, Search: map[string]bool{}, Write: map[string]bool{},
+		patientRead: map[string]bool{}, patientSearch: map[string]bool{}, patientWrite: map[string]bool{}}
 	for _, s := range strings.Fields(scope) {
 		p.Scopes = append(p.Scopes, s)
 		sc, err := ParseScope(s)
@@ -204,7 +206,7 @@ func ParseScopes(name, scope string) *Principal {
 			if p.filters == nil {
 				p.filters = map[string][]scopeFilter{}
 			}
-			p.filters[sc.Target] = append(p.filters[sc.Target], scopeFilter{raw: sc.Query, q: q, patient: sc.Context == "patient"})
+			p.filters[sc.Target] = append(p.filters[sc.Target], scopeFilter{raw: sc.Query, q: q, patient: sc.Context == "patient", perms: sc.Perms & permReads})
 			continue
 		}
 		switch sc.Context {
@@ -221,24 +223,25 @@ func ParseScopes(name, scope string) *Principal {
 			}
 		case "patient":
 			p.Patient = true
-			if read {
+			if sc.Perms&PermRead != 0 {
 				p.patientRead[sc.Target] = true
+			}
+			if sc.Perms&PermSearch != 0 {
+				p.patientSearch[sc.Target] = true
 			}
 			if write {
 				p.patientWrite[sc.Target] = true
 			}
 		default:
-			if read {
+			if sc.Perms&PermRead != 0 {
 				p.Read[sc.Target] = true
+			}
+			if sc.Perms&PermSearch != 0 {
+				p.Search[sc.Target] = true
 			}
 			if write {
 				p.Write[sc.Target] = true
 			}
-		}
-	}
-	for typ := range p.filters {
-		if p.Read["*"] || p.Read[typ] {
-			delete(p.filters, typ) // an unfiltered scope already grants the whole type
 		}
 	}
 	return p
@@ -262,46 +265,93 @@ func (p *Principal) ReadsNoTenant() bool {
 	return !p.AccessAll && len(p.Access) == 0
 }
 
-// CanRead reports whether resources of typ may be read (some of them, when
-// the type is Restricted).
-func (p *Principal) CanRead(typ string) bool {
-	if p.Read["*"] || p.Read[typ] {
+// Action is what a read grant is asked for: SMART v2 tells reading a
+// resource by id (r) from searching (s); v1 .read grants both.
+type Action uint8
+
+const (
+	// ActRead is read, vread, history and export (r).
+	ActRead Action = iota
+	// ActSearch is search and $viewdefinition-run (s).
+	ActSearch
+)
+
+// grants are the system/ and user/ scopes' types for act, and
+// patientGrants the patient/ scopes'.
+func (p *Principal) grants(act Action) map[string]bool {
+	if act == ActSearch {
+		return p.Search
+	}
+	return p.Read
+}
+
+func (p *Principal) patientGrants(act Action) map[string]bool {
+	if act == ActSearch {
+		return p.patientSearch
+	}
+	return p.patientRead
+}
+
+// Can reports whether resources of typ may be read (act ActRead) or
+// searched (ActSearch) — some of them, when the type is Restricted.
+func (p *Principal) Can(act Action, typ string) bool {
+	if g := p.grants(act); g["*"] || g[typ] {
 		return true
 	}
 	for _, f := range p.filters[typ] {
-		if !f.patient || p.PatientContext != "" {
+		if f.perms&actPerm(act) != 0 && (!f.patient || p.PatientContext != "") {
 			return true
 		}
 	}
-	return p.PatientContext != "" && (p.patientRead["*"] || p.patientRead[typ])
+	pg := p.patientGrants(act)
+	return p.PatientContext != "" && (pg["*"] || pg[typ])
 }
 
-// Restricted reports whether only some resources of typ may be read (by
-// query-filtered or patient/ scopes): each must then pass Matches.
-func (p *Principal) Restricted(typ string) bool { return !p.Read["*"] && !p.Read[typ] }
+func actPerm(act Action) Perm {
+	if act == ActSearch {
+		return PermSearch
+	}
+	return PermRead
+}
 
-// PatientOnly reports whether every grant to read typ is a patient/ scope,
-// and so limited to the compartment of the patient it returns.
-func (p *Principal) PatientOnly(typ string) (string, bool) {
-	if !p.Restricted(typ) {
+// CanRead reports whether resources of typ may be read by id (r).
+func (p *Principal) CanRead(typ string) bool { return p.Can(ActRead, typ) }
+
+// CanSearch reports whether resources of typ may be searched (s).
+func (p *Principal) CanSearch(typ string) bool { return p.Can(ActSearch, typ) }
+
+// Restricted reports whether only some resources of typ may be read or
+// searched (by query-filtered or patient/ scopes): each must then pass Matches.
+func (p *Principal) Restricted(act Action, typ string) bool {
+	g := p.grants(act)
+	return !g["*"] && !g[typ]
+}
+
+// PatientOnly reports whether every grant to act on typ is a patient/
+// scope, and so limited to the compartment of the patient it returns.
+func (p *Principal) PatientOnly(act Action, typ string) (string, bool) {
+	if !p.Restricted(act, typ) {
 		return "", false
 	}
 	for _, f := range p.filters[typ] {
-		if !f.patient {
+		if f.perms&actPerm(act) != 0 && !f.patient {
 			return "", false
 		}
 	}
 	return p.PatientContext, true
 }
 
-// Filters returns the queries of the system/ filtered scopes that limit
-// reads of typ (Type?query without "Type?"), or nil when typ is readable
-// unfiltered. (A token with patient/ scopes may not export; REST reads go
-// through Matches.)
+// Filters returns the queries of the system/ filtered read scopes that
+// limit reads of typ (Type?query without "Type?"), or nil when typ is
+// readable unfiltered: what an export applies. (A token with patient/
+// scopes may not export; REST goes through Matches.)
 func (p *Principal) Filters(typ string) []string {
+	if !p.Restricted(ActRead, typ) {
+		return nil
+	}
 	var out []string
 	for _, f := range p.filters[typ] {
-		if !f.patient {
+		if !f.patient && f.perms&PermRead != 0 {
 			out = append(out, f.raw)
 		}
 	}
@@ -310,19 +360,32 @@ func (p *Principal) Filters(typ string) []string {
 
 // FilteredTypes lists the types readable only through filtered scopes, sorted.
 func (p *Principal) FilteredTypes() []string {
-	return slices.Sorted(maps.Keys(p.filters))
+	var out []string
+	for typ := range p.filters {
+		if len(p.Filters(typ)) > 0 {
+			out = append(out, typ)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Matches reports whether a stored resource of typ passes the principal's
-// read grants for typ: an unrestricted scope, a filtered scope whose query
+// grants to act on typ: an unrestricted scope, a filtered scope whose query
 // it matches, or a patient/ scope (filtered or not) when it is in the
 // compartment of the token's patient.
-func (p *Principal) Matches(typ string, body []byte) bool {
-	if !p.Restricted(typ) {
+func (p *Principal) Matches(act Action, typ string, body []byte) bool {
+	if !p.Restricted(act, typ) {
 		return true
 	}
-	fs := p.filters[typ]
-	patientWide := p.PatientContext != "" && (p.patientRead["*"] || p.patientRead[typ])
+	var fs []scopeFilter
+	for _, f := range p.filters[typ] {
+		if f.perms&actPerm(act) != 0 {
+			fs = append(fs, f)
+		}
+	}
+	pg := p.patientGrants(act)
+	patientWide := p.PatientContext != "" && (pg["*"] || pg[typ])
 	if len(fs) == 0 && !patientWide {
 		return false
 	}
@@ -452,7 +515,7 @@ func (p *Principal) Holds(g kiln.ExportGrant) bool {
 		if !p.CanRead(t) {
 			return false
 		}
-		if p.Restricted(t) {
+		if p.Restricted(ActRead, t) {
 			// p reads t only through filters: the export must be filtered
 			// by some of them, and by nothing p lacks.
 			mine := p.Filters(t)

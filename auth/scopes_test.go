@@ -26,7 +26,7 @@ func TestParseScopes(t *testing.T) {
 		{scope: "system/*.read access/*.read", read: []string{"Patient", "Observation"}, notRead: nil, accessAll: true, hasAccess: true},
 		{scope: "user/Observation.read access/a.read", read: []string{"Observation"}, notRead: []string{"Patient"}, access: []string{"a"}, hasAccess: true},
 		{scope: "system/Observation.rs system/Patient.cruds access/a.* access/b.write", read: []string{"Observation", "Patient"}, write: []string{"Patient"}, notRead: []string{"Encounter"}, access: []string{"a"}, accessWrite: []string{"a", "b"}, hasAccess: true},
-		{scope: "system/Observation.s", read: []string{"Observation"}},
+		{scope: "system/Observation.s", notRead: []string{"Observation"}}, // search only: see TestReadAndSearchApart
 		{scope: "system/Observation.c", write: []string{"Observation"}, notRead: []string{"Observation"}},
 		{scope: "patient/*.read", notRead: []string{"Patient"}, patient: true}, // no patient context: nothing
 		{scope: "system/Observation.rs?category=laboratory openid launch", read: []string{"Observation"}, notRead: []string{"Patient"}},
@@ -86,7 +86,7 @@ func TestPatientScopesNeedAContext(t *testing.T) {
 		`"category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}]}`)
 	pat := func(id string) []byte { return []byte(`{"resourceType":"Patient","id":"` + id + `"}`) }
 	p := ParseScopes("u", "patient/*.rs patient/Observation.cud")
-	if p.CanRead("Observation") || p.CanWrite("Observation") || p.Matches("Observation", obs("p1")) {
+	if p.CanRead("Observation") || p.CanWrite("Observation") || p.Matches(ActRead, "Observation", obs("p1")) {
 		t.Fatal("patient/ scopes without a patient context grant something")
 	}
 	p.PatientContext = "p1"
@@ -95,11 +95,11 @@ func TestPatientScopesNeedAContext(t *testing.T) {
 		body []byte
 		want bool
 	}{{"Observation", obs("p1"), true}, {"Observation", obs("p2"), false}, {"Patient", pat("p1"), true}, {"Patient", pat("p2"), false}} {
-		if got := p.Matches(c.typ, c.body); got != c.want || !p.CanRead(c.typ) || !p.Restricted(c.typ) {
+		if got := p.Matches(ActRead, c.typ, c.body); got != c.want || !p.CanRead(c.typ) || !p.Restricted(ActRead, c.typ) {
 			t.Errorf("patient p1 reading %s: %v, want %v", c.body, got, c.want)
 		}
 	}
-	if pid, only := p.PatientOnly("Observation"); !only || pid != "p1" {
+	if pid, only := p.PatientOnly(ActRead, "Observation"); !only || pid != "p1" {
 		t.Errorf("PatientOnly: %q %v", pid, only)
 	}
 	if pid, only := p.WritesOnlyPatient("Observation"); !only || pid != "p1" || !p.CanWrite("Observation") || p.CanWrite("Patient") {
@@ -108,17 +108,44 @@ func TestPatientScopesNeedAContext(t *testing.T) {
 	// A system/ filtered scope beside it: lab Observations of anyone, and p1's others.
 	q := ParseScopes("u", "patient/Observation.rs system/Observation.rs?category=laboratory")
 	q.PatientContext = "p1"
-	if !q.Matches("Observation", lab) || !q.Matches("Observation", obs("p1")) || q.Matches("Observation", obs("p2")) {
+	if !q.Matches(ActRead, "Observation", lab) || !q.Matches(ActRead, "Observation", obs("p1")) || q.Matches(ActRead, "Observation", obs("p2")) {
 		t.Error("patient/ beside a filtered system/ scope")
 	}
-	if _, only := q.PatientOnly("Observation"); only {
+	if _, only := q.PatientOnly(ActRead, "Observation"); only {
 		t.Error("a system/ grant beside the patient/ one: not only the patient's compartment")
 	}
 	// An unfiltered system/ scope: every Observation, whatever the context.
 	sys := ParseScopes("u", "patient/Observation.rs system/Observation.rs")
 	sys.PatientContext = "p1"
-	if sys.Restricted("Observation") || !sys.Matches("Observation", obs("p2")) {
+	if sys.Restricted(ActRead, "Observation") || !sys.Matches(ActRead, "Observation", obs("p2")) {
 		t.Error("system/Observation.rs beside patient/: restricted")
+	}
+}
+
+// TestReadAndSearchApart: SMART v2 .r grants reading by id and not search,
+// .s search and not reading by id; v1 .read and v2 .rs grant both; the
+// same holds for filtered scopes.
+func TestReadAndSearchApart(t *testing.T) {
+	lab := []byte(`{"resourceType":"Observation","id":"1","status":"final","category":[{"coding":[{"code":"laboratory"}]}],"code":{"text":"x"}}`)
+	for _, c := range []struct {
+		scope        string
+		read, search bool
+	}{
+		{"system/Observation.r", true, false},
+		{"system/Observation.s", false, true},
+		{"system/Observation.rs", true, true},
+		{"system/Observation.read", true, true},
+		{"system/*.r", true, false},
+		{"system/Observation.r?category=laboratory", true, false},
+		{"system/Observation.s?category=laboratory", false, true},
+	} {
+		p := ParseScopes("u", c.scope)
+		if p.CanRead("Observation") != c.read || p.CanSearch("Observation") != c.search {
+			t.Errorf("%s: read %v search %v, want %v %v", c.scope, p.CanRead("Observation"), p.CanSearch("Observation"), c.read, c.search)
+		}
+		if p.Matches(ActRead, "Observation", lab) != c.read || p.Matches(ActSearch, "Observation", lab) != c.search {
+			t.Errorf("%s: matches read %v search %v", c.scope, p.Matches(ActRead, "Observation", lab), p.Matches(ActSearch, "Observation", lab))
+		}
 	}
 }
 
@@ -126,7 +153,7 @@ func TestScopeFilters(t *testing.T) {
 	lab := []byte(`{"resourceType":"Observation","id":"1","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"text":"x"}}`)
 	vital := []byte(`{"resourceType":"Observation","id":"2","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],"code":{"text":"x"}}`)
 	p := ParseScopes("u", "system/Observation.rs?category=laboratory system/Observation.rs?status=amended system/Patient.rs")
-	if !p.Matches("Observation", lab) || p.Matches("Observation", vital) || !p.Matches("Patient", vital) {
+	if !p.Matches(ActRead, "Observation", lab) || p.Matches(ActRead, "Observation", vital) || !p.Matches(ActRead, "Patient", vital) {
 		t.Error("a filtered scope does not select by its query")
 	}
 	if got := p.Filters("Observation"); len(got) != 2 || got[0] != "category=laboratory" || got[1] != "status=amended" {
@@ -137,10 +164,10 @@ func TestScopeFilters(t *testing.T) {
 	}
 	// An unfiltered read scope for the type wins over its filtered ones.
 	p = ParseScopes("u", "system/Observation.rs?category=laboratory system/Observation.read")
-	if !p.Matches("Observation", vital) || p.Filters("Observation") != nil {
+	if !p.Matches(ActRead, "Observation", vital) || p.Filters("Observation") != nil {
 		t.Error("an unfiltered scope does not lift the filter")
 	}
-	if p := ParseScopes("u", "system/Observation.rs?category=laboratory"); p.Matches("Observation", []byte("not json")) {
+	if p := ParseScopes("u", "system/Observation.rs?category=laboratory"); p.Matches(ActRead, "Observation", []byte("not json")) {
 		t.Error("an undecodable body matches a filter")
 	}
 }

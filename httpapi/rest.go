@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/ingest"
 )
@@ -179,7 +180,7 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.store.Read(r.Context(), typ, id)
-	if err == nil && !readable(principal(r), typ, res.Body) {
+	if err == nil && !readable(principal(r), auth.ActRead, typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 	}
 	if kiln.ErrorCode(err) == kiln.EGONE {
@@ -187,7 +188,7 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 		// to anyone else a deleted record is as unknown as one never written.
 		if last, lerr := s.lastBody(r.Context(), typ, id); lerr != nil {
 			err = lerr
-		} else if last == nil || !readable(principal(r), typ, last) {
+		} else if last == nil || !readable(principal(r), auth.ActRead, typ, last) {
 			err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 		}
 	}
@@ -266,7 +267,7 @@ func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.store.ReadVersion(r.Context(), typ, id, v)
-	if err == nil && !readable(principal(r), typ, res.Body) {
+	if err == nil && !readable(principal(r), auth.ActRead, typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s has no version %d", typ, id, v)
 	}
 	if err != nil {
@@ -380,7 +381,7 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := canRead(principal(r), typ); err != nil {
+	if err := canSearch(principal(r), typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -442,8 +443,8 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	}
 	query.Clauses = rest
 	p := principal(r)
-	scoped := p.Restricted(typ)
-	if pid, only := p.PatientOnly(typ); only && sq.Patients == nil {
+	scoped := p.Restricted(auth.ActSearch, typ)
+	if pid, only := p.PatientOnly(auth.ActSearch, typ); only && sq.Patients == nil {
 		sq.Patients = []string{pid} // the compartment index narrows it; Matches still decides
 	}
 	sq.Total = len(query.Clauses) == 0 && first && !scoped && totalMode != "none"
@@ -467,7 +468,7 @@ scan:
 				s.writeError(w, r, err)
 				return
 			}
-			if !ok || scoped && !p.Matches(typ, res.Body) {
+			if !ok || scoped && !p.Matches(auth.ActSearch, typ, res.Body) {
 				continue
 			}
 			matched++

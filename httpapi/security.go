@@ -110,15 +110,24 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 // canRead checks the type scope for a read or search.
 func canRead(p *auth.Principal, typ string) error {
 	if !p.CanRead(typ) {
-		return auth.Forbidden("the token's scopes do not allow reading %s", typ)
+		return auth.Forbidden("the token's scopes do not allow reading %s (SMART v2: r)", typ)
 	}
 	return nil
 }
 
-// readable reports whether p may read a stored resource of typ: its access
-// tags, and the query filters of p's scopes for typ.
-func readable(p *auth.Principal, typ string, body []byte) bool {
-	return visible(p, body) && p.Matches(typ, body)
+// canSearch checks the type scope for a search (SMART v2: s).
+func canSearch(p *auth.Principal, typ string) error {
+	if !p.CanSearch(typ) {
+		return auth.Forbidden("the token's scopes do not allow searching %s (SMART v2: s)", typ)
+	}
+	return nil
+}
+
+// readable reports whether p may read (act ActRead) or find by search
+// (ActSearch) a stored resource of typ: its access tags, and the query
+// filters and patient context of p's scopes for typ.
+func readable(p *auth.Principal, act auth.Action, typ string, body []byte) bool {
+	return visible(p, body) && p.Matches(act, typ, body)
 }
 
 // visible reports whether p may see a stored resource body (by its access tags).
@@ -187,14 +196,14 @@ func readableHistory(p *auth.Principal, typ string, versions []kiln.Resource) []
 	out := versions[:0:0]
 	for i, v := range versions {
 		if !v.Deleted {
-			if readable(p, typ, v.Body) {
+			if readable(p, auth.ActRead, typ, v.Body) {
 				out = append(out, v)
 			}
 			continue
 		}
 		for _, older := range versions[i+1:] {
 			if !older.Deleted {
-				if readable(p, typ, older.Body) {
+				if readable(p, auth.ActRead, typ, older.Body) {
 					out = append(out, v)
 				}
 				break

@@ -489,3 +489,35 @@ func TestWritesNeedAWriteScope(t *testing.T) {
 		t.Errorf("the record after the refused writes: %d %.200s", res.StatusCode, res.body)
 	}
 }
+
+// TestReadAndSearchScopesApart (issue 17): SMART v2 .r reads by id but does
+// not search; .s searches but does not read by id.
+func TestReadAndSearchScopesApart(t *testing.T) {
+	r := newAuthEnv(t, envOpts{})
+	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.*"))
+	if res := r.do("PUT", "/Observation/rs1", tenantObs("rs1", "x", "tenantA"), admin...); res.StatusCode != 201 {
+		t.Fatalf("seed: %d %s", res.StatusCode, res.body)
+	}
+	readOnly := bearer(r.token(t, "r", "system/Observation.r access/tenantA.read"))
+	searchOnly := bearer(r.token(t, "s", "system/Observation.s access/tenantA.read"))
+	for _, c := range []struct {
+		name, path string
+		tok        []string
+		want       int
+	}{
+		{".r reads", "/Observation/rs1", readOnly, 200},
+		{".r vreads", "/Observation/rs1/_history/1", readOnly, 200},
+		{".r does not search", "/Observation?_id=rs1", readOnly, 403},
+		{".s searches", "/Observation?_id=rs1", searchOnly, 200},
+		{".s does not read", "/Observation/rs1", searchOnly, 403},
+		{".s does not read history", "/Observation/rs1/_history", searchOnly, 403},
+	} {
+		res := r.do("GET", c.path, nil, c.tok...)
+		if res.StatusCode != c.want {
+			t.Errorf("%s: %d, want %d", c.name, res.StatusCode, c.want)
+		}
+		if c.want == 200 && !strings.Contains(string(res.body), `"rs1"`) {
+			t.Errorf("%s: the answer lacks the record: %.200s", c.name, res.body)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/fhir"
 	"github.com/kiln-fhir/kiln/view"
 )
@@ -157,7 +158,7 @@ func (s *Server) viewRun(w http.ResponseWriter, r *http.Request) {
 	}
 	typ := req.view.Resource
 	p := principal(r)
-	if err := canRead(p, typ); err != nil {
+	if err := canSearch(p, typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -194,7 +195,7 @@ scan:
 			return
 		}
 		for _, res := range page.Resources {
-			if !readable(p, typ, res.Body) {
+			if !readable(p, auth.ActSearch, typ, res.Body) {
 				continue
 			}
 			m, err := fhir.DecodeJSON(res.Body)
