@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -152,6 +153,17 @@ func TestIsolationTable(t *testing.T) {
 					t.Errorf("%s: %s", q.path, diff)
 				}
 			}
+			// What Kiln does not support is refused, for every token, with an
+			// OperationOutcome and no resource: _include and _revinclude,
+			// chained and reverse-chained parameters, _summary.
+			for _, path := range []string{"/Observation?_include=Observation:subject", "/Observation?_revinclude=Provenance:target",
+				"/Observation?subject.name=x", "/Patient?_has:Observation:patient:code=1234", "/Observation?_summary=count"} {
+				res := r.do("GET", path, nil, auth...)
+				if res.StatusCode != 400 && res.StatusCode != 403 || !strings.Contains(string(res.body), `"resourceType":"OperationOutcome"`) ||
+					strings.Contains(string(res.body), `"resourceType":"Observation"`) || strings.Contains(string(res.body), `"resourceType":"Patient"`) {
+					t.Errorf("%s: %d %.200s, want a refusal carrying no resource", path, res.StatusCode, res.body)
+				}
+			}
 			// _total=accurate counts only what may be read.
 			if typeReadable("Observation") {
 				res := r.do("GET", "/Observation?_total=accurate&_count=0", nil, auth...)
@@ -296,6 +308,12 @@ func inCompartmentType(ref string) bool {
 func TestIsolationWhileRecordsChurn(t *testing.T) {
 	d := newTenantData(t)
 	r := newAuthEnv(t, envOpts{noWorkers: true})
+	// The store's clock is the test's: the data and the exports' snapshot at
+	// t0, every write after them at t0+1s (no two sides of a boundary can
+	// share a millisecond).
+	clock := pinClock(t, r.env)
+	t0 := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	clock.set(t0)
 	r.load(d.dir)
 	admin := bearer(r.token(t, "admin", "system/*.* access/tenantA.* access/tenantB.*"))
 	tokA := r.token(t, "alice", "system/*.rs access/tenantA.read")
@@ -313,6 +331,7 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 		}
 		locs = append(locs, res.Header.Get("Content-Location"))
 	}
+	clock.set(t0.Add(time.Second))
 
 	// The writes: Observations re-tagged each way, deleted, deleted and
 	// recreated for the other tenant, and new ones; each new version says "churned".
@@ -325,6 +344,7 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 	slices.Sort(obs)
 	after := maps.Clone(before)
 	rewritten := map[string]bool{} // records written after the snapshot
+	deletedA := map[string]bool{} // deleted records (true: A's), until written again
 	put := func(ref, tenant string) {
 		rewritten[ref] = true
 		res := r.do("GET", "/"+ref, nil, admin...)
@@ -337,6 +357,7 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 		}
 		m["meta"] = map[string]any{"security": []any{map[string]any{"system": kiln.AccessSystem, "code": tenant}}}
 		m["note"] = []any{map[string]any{"text": "churned"}}
+		delete(deletedA, ref)
 		b, _ := json.Marshal(m)
 		if res := r.do("PUT", "/"+ref, b, append(admin, "Content-Type", "application/fhir+json")...); res.StatusCode/100 != 2 {
 			t.Errorf("PUT %s: %d %s", ref, res.StatusCode, res.body)
@@ -348,6 +369,7 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 	}
 	del := func(ref string) {
 		rewritten[ref] = true
+		deletedA[ref] = d.tenant[ref] == "tenantA"
 		if res := r.do("DELETE", "/"+ref, nil, admin...); res.StatusCode != 204 {
 			t.Errorf("DELETE %s: %d %s", ref, res.StatusCode, res.body)
 		}
@@ -446,5 +468,52 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 	}
 	if diff := diffRefs(got, want); diff != "" {
 		t.Errorf("search after the writes: %s", diff)
+	}
+
+	// An incremental export since t0: exactly the records written since that
+	// A may read now, and the deletions of A's records — none of B's.
+	res := r.do("GET", "/$export?_since="+url.QueryEscape(t0.Format("2006-01-02T15:04:05.000Z")), nil, append(bearer(tokA), "Prefer", "respond-async")...)
+	if res.StatusCode != 202 {
+		t.Fatalf("_since kick-off: %d %s", res.StatusCode, res.body)
+	}
+	m := r.mustCompleteAuth(res.Header.Get("Content-Location"), tokA)
+	changed, deletions := map[string]bool{}, map[string]bool{}
+	for ref := range after {
+		if rewritten[ref] {
+			changed[ref] = true
+		}
+	}
+	for ref, wasA := range deletedA {
+		if wasA {
+			deletions[ref] = true
+		}
+	}
+	gotChanged, gotDeleted := map[string]bool{}, map[string]bool{}
+	for _, it := range m.Output {
+		for _, l := range r.linesAuth(it.URL, tokA) {
+			var res struct{ ResourceType, ID string }
+			json.Unmarshal(l, &res)
+			gotChanged[res.ResourceType+"/"+res.ID] = true
+		}
+	}
+	for _, it := range m.Deleted {
+		for _, l := range r.linesAuth(it.URL, tokA) {
+			var b struct {
+				Entry []struct{ Request struct{ URL string } }
+			}
+			json.Unmarshal(l, &b)
+			for _, e := range b.Entry {
+				gotDeleted[strings.TrimPrefix(e.Request.URL, "/")] = true
+			}
+		}
+	}
+	if len(changed) == 0 || len(deletions) == 0 {
+		t.Fatalf("the writes changed %d of A's records and deleted %d: the test writes too little", len(changed), len(deletions))
+	}
+	if diff := diffRefs(gotChanged, changed); diff != "" {
+		t.Errorf("_since export, resources: %s", diff)
+	}
+	if diff := diffRefs(gotDeleted, deletions); diff != "" {
+		t.Errorf("_since export, deletions: %s", diff)
 	}
 }
