@@ -344,7 +344,7 @@ func TestIsolationWhileRecordsChurn(t *testing.T) {
 	slices.Sort(obs)
 	after := maps.Clone(before)
 	rewritten := map[string]bool{} // records written after the snapshot
-	deletedA := map[string]bool{} // deleted records (true: A's), until written again
+	deletedA := map[string]bool{}  // deleted records (true: A's), until written again
 	put := func(ref, tenant string) {
 		rewritten[ref] = true
 		res := r.do("GET", "/"+ref, nil, admin...)
