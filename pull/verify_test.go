@@ -67,6 +67,12 @@ func (f *fakeExport) pull(t *testing.T, c *pull.Client) (*pull.Result, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return finish(t, c, st)
+}
+
+// finish polls a started (or resumed) pull to its manifest and downloads it.
+func finish(t *testing.T, c *pull.Client, st *pull.State) (*pull.Result, error) {
+	t.Helper()
 	m, err := c.Wait(context.Background(), st)
 	if err != nil {
 		t.Fatal(err)
@@ -184,11 +190,7 @@ func TestFailedOutputsNeedAllowPartial(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := c.Wait(context.Background(), st)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Download(context.Background(), st, m); err != nil {
+	if _, err := finish(t, c, st); err != nil {
 		t.Fatalf("with AllowPartial: %v", err)
 	}
 	files, _, problems, err := pull.VerifyFolder(dir)
@@ -280,11 +282,7 @@ func TestTokenGoesOnlyToTheServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := c.Wait(context.Background(), st)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Download(context.Background(), st, m); err != nil {
+	if _, err := finish(t, c, st); err != nil {
 		t.Fatal(err)
 	}
 	if !sawToken["status"] || !sawToken["own file"] {
