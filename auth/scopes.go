@@ -26,6 +26,10 @@ type Principal struct {
 	// launch context's patient claim). patient/ scopes grant only resources
 	// in that patient's compartment, and nothing without a context.
 	PatientContext string
+	// Refs are how references to this server are recognised (its base
+	// URLs), for the compartment checks of patient/ scopes: the server
+	// sets them per request.
+	Refs fhir.Options
 	// Resource types readable by id (Read["*"] for all: SMART v2 r),
 	// searchable (s) and writable, by system/ and user/ scopes.
 	Read, Search, Write map[string]bool
@@ -393,7 +397,7 @@ func (p *Principal) Matches(act Action, typ string, body []byte) bool {
 	if err != nil {
 		return false
 	}
-	inCompartment := func() bool { return p.PatientContext != "" && InCompartment(typ, m, p.PatientContext) }
+	inCompartment := func() bool { return p.PatientContext != "" && InCompartment(typ, m, p.PatientContext, p.Refs) }
 	if patientWide && inCompartment() {
 		return true
 	}
@@ -407,19 +411,20 @@ func (p *Principal) Matches(act Action, typ string, body []byte) bool {
 
 // InCompartment reports whether a decoded resource of typ is in the Patient
 // compartment of patient (the R4 CompartmentDefinition; a Patient is in its
-// own). Only relative references count here.
-func InCompartment(typ string, m map[string]any, patient string) bool {
+// own): relative references, and absolute ones under refs' bases, as the
+// store's compartment index counts them.
+func InCompartment(typ string, m map[string]any, patient string, refs fhir.Options) bool {
 	id, _ := m["id"].(string)
-	return slices.Contains(fhir.Extract(typ, id, m, fhir.Options{}).Patients, patient)
+	return slices.Contains(fhir.Extract(typ, id, m, refs).Patients, patient)
 }
 
 // OnlyInCompartment reports whether a decoded resource of typ is in the
 // compartment of patient and of no other patient: what a patient/ write
 // scope may create or change (a record naming the patient only as, say,
 // performer beside another subject is that other patient's too).
-func OnlyInCompartment(typ string, m map[string]any, patient string) bool {
+func OnlyInCompartment(typ string, m map[string]any, patient string, refs fhir.Options) bool {
 	id, _ := m["id"].(string)
-	ps := fhir.Extract(typ, id, m, fhir.Options{}).Patients
+	ps := fhir.Extract(typ, id, m, refs).Patients
 	for _, p := range ps {
 		if p != patient {
 			return false

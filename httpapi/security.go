@@ -60,6 +60,7 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) *http.Requ
 		writeOutcome(w, http.StatusUnauthorized, "error", "security", kiln.ErrorMessage(err))
 		return nil
 	}
+	p.Refs = s.refOptions(r) // absolute references to this server count as its own
 	return r.WithContext(context.WithValue(r.Context(), principalKey{}, p))
 }
 
@@ -142,9 +143,9 @@ func accessCodes(body []byte) []string { return kiln.AccessCodesOf(body) }
 
 // onlyInCompartment reports whether a body of typ is in the compartment of
 // patient and of no other patient.
-func onlyInCompartment(typ string, body []byte, patient string) bool {
+func onlyInCompartment(typ string, body []byte, patient string, refs fhir.Options) bool {
 	m, err := fhir.DecodeJSON(body)
-	return err == nil && auth.OnlyInCompartment(typ, m, patient)
+	return err == nil && auth.OnlyInCompartment(typ, m, patient, refs)
 }
 
 // authorizeWrite checks a write: the type scope, the access codes the new
@@ -161,7 +162,7 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
 	}
 	patient, patientOnly := p.WritesOnlyPatient(w.Type)
-	if patientOnly && w.Kind != kiln.Delete && !onlyInCompartment(w.Type, w.Body, patient) {
+	if patientOnly && w.Kind != kiln.Delete && !onlyInCompartment(w.Type, w.Body, patient, p.Refs) {
 		return auth.Forbidden("the token's patient/ scopes allow writing only resources in the compartment of Patient/%s and of no other patient", patient)
 	}
 	if w.Kind != kiln.Delete {
@@ -179,7 +180,7 @@ func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if before == nil {
 		return nil // a new record
 	}
-	if !visible(p, before) || patientOnly && !onlyInCompartment(w.Type, before, patient) {
+	if !visible(p, before) || patientOnly && !onlyInCompartment(w.Type, before, patient, p.Refs) {
 		return kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", w.Type, w.ID)
 	}
 	if codes := accessCodes(before); !p.CanTag(codes) {

@@ -215,8 +215,12 @@ func TestPatientScopesWriteOnlyTheirPatient(t *testing.T) {
 	obs := func(id, patient string) []byte {
 		return []byte(fmt.Sprintf(`{"resourceType":"Observation","id":%q,"status":"final","code":{"text":"x"},"subject":{"reference":"Patient/%s"},"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`, id, patient, kiln.AccessSystem))
 	}
-	for id, p := range map[string]string{"mine": "p1", "theirs": "p2"} {
-		if res := r.do("PUT", "/Observation/"+id, obs(id, p), admin...); res.StatusCode != 201 {
+	for id, p := range map[string]string{"mine": "p1", "theirs": "p2", "absolute": r.base + "/Patient/p1"} {
+		body := obs(id, p)
+		if strings.HasPrefix(p, "http") { // an absolute reference to this server counts as its own
+			body = []byte(strings.Replace(string(body), "Patient/"+p, p, 1))
+		}
+		if res := r.do("PUT", "/Observation/"+id, body, admin...); res.StatusCode != 201 {
 			t.Fatalf("seed %s: %d %s", id, res.StatusCode, res.body)
 		}
 	}
@@ -238,6 +242,8 @@ func TestPatientScopesWriteOnlyTheirPatient(t *testing.T) {
 		{"PUT", "/Observation/both", []byte(fmt.Sprintf(`{"resourceType":"Observation","id":"both","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p2"},"performer":[{"reference":"Patient/p1"}],"meta":{"security":[{"system":%q,"code":"tenantA"}]}}`, kiln.AccessSystem)), 403}, // into another patient's chart, as performer
 		{"DELETE", "/Observation/theirs", nil, 404},
 		{"GET", "/Observation/theirs", nil, 404},
+		{"GET", "/Observation/absolute", nil, 200}, // its subject is the server's own absolute URL of p1
+		{"DELETE", "/Observation/absolute", nil, 204},
 		{"DELETE", "/Observation/mine", nil, 204},
 	} {
 		if res := r.do(c.method, c.path, c.body, p1...); res.StatusCode != c.want {
