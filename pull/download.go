@@ -241,7 +241,6 @@ func (c *Client) fetch(ctx context.Context, st *State, m *Manifest, f File, kind
 			tokenFor = st.origins()
 		}
 		res, err := c.do(ctx, http.MethodGet, f.URL, nil, tokenFor, func(r *http.Request) { r.Header.Set("Accept", "application/fhir+ndjson") })
-
 		if err != nil {
 			lastErr = err
 			continue

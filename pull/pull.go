@@ -297,9 +297,6 @@ func (c *Client) Resume() (*State, error) {
 	return &st, nil
 }
 
-// Save records st in the output folder.
-func (c *Client) Save(st *State) error { return c.save(st) }
-
 func (c *Client) save(st *State) error {
 	b, _ := json.MarshalIndent(st, "", "  ")
 	tmp := filepath.Join(c.opt.Out, stateFile+".tmp")
