@@ -121,6 +121,14 @@ var migrations = []string{
 	`CREATE TABLE assertions(key TEXT PRIMARY KEY, expires BIGINT NOT NULL);`,
 	// Leadership of maintenance roles among processes (kiln.Elector).
 	`CREATE TABLE leaders(name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL);`,
+	// The compartment as of a snapshot: each membership's since (0 for rows
+	// indexed before: they count from the beginning), and the memberships a
+	// later version ended, with the lastUpdated that ended them.
+	`ALTER TABLE compartment ADD COLUMN since BIGINT NOT NULL DEFAULT 0;
+	CREATE TABLE compartment_gone(
+		patient TEXT NOT NULL, type TEXT NOT NULL, rid BIGINT NOT NULL, since BIGINT NOT NULL, until BIGINT NOT NULL,
+		PRIMARY KEY(patient, type, rid, until));
+	CREATE INDEX compartment_gone_rid ON compartment_gone(rid, patient);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

@@ -167,7 +167,16 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		if _, err := w.tx.Exec(ctx, `UPDATE resources SET version=$1, lu=$2, deleted=false, hash=$3, body=$4 WHERE rid=$5`, version, w.lu, wr.Hash, body, rid); err != nil {
 			return res, fmt.Errorf("postgres: update %s/%s: %w", wr.Type, wr.ID, err)
 		}
-		if _, err := w.tx.Exec(ctx, `DELETE FROM compartment WHERE rid=$1`, rid); err != nil {
+		// Memberships the new version ends move to compartment_gone, ended
+		// now; the ones it keeps keep their since.
+		if _, err := w.tx.Exec(ctx, `WITH gone AS (DELETE FROM compartment WHERE rid=$1 AND NOT (patient = ANY(coalesce($2::text[], '{}')))
+			RETURNING patient, type, rid, since)
+			INSERT INTO compartment_gone(patient, type, rid, since, until) SELECT patient, type, rid, since, $3 FROM gone ON CONFLICT DO NOTHING`,
+			rid, wr.Patients, w.lu); err != nil {
+			return res, fmt.Errorf("postgres: reindex %s/%s: %w", wr.Type, wr.ID, err)
+		}
+		if _, err := w.tx.Exec(ctx, `INSERT INTO compartment(patient, type, rid, since) SELECT DISTINCT unnest($1::text[]), $2, $3::bigint, $4::bigint ON CONFLICT DO NOTHING`,
+			wr.Patients, wr.Type, rid, w.lu); err != nil {
 			return res, fmt.Errorf("postgres: reindex %s/%s: %w", wr.Type, wr.ID, err)
 		}
 		if _, err := w.tx.Exec(ctx, `DELETE FROM access WHERE rid=$1`, rid); err != nil {
@@ -183,7 +192,9 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash, pending: true}
 	}
 	for _, p := range wr.Patients {
-		w.comp = append(w.comp, []any{p, wr.Type, rid})
+		if step != kiln.StepUpdate {
+			w.comp = append(w.comp, []any{p, wr.Type, rid, w.lu})
+		}
 		for _, s := range wr.Supporting {
 			w.addSupp(p, s.Type, s.ID)
 		}
@@ -219,7 +230,7 @@ func (w *writer) flush(ctx context.Context) error {
 		w.resRows = w.resRows[:0]
 	}
 	if len(w.comp) > 0 {
-		if _, err := w.tx.CopyFrom(ctx, pgx.Identifier{"compartment"}, []string{"patient", "type", "rid"}, pgx.CopyFromRows(w.comp)); err != nil {
+		if _, err := w.tx.CopyFrom(ctx, pgx.Identifier{"compartment"}, []string{"patient", "type", "rid", "since"}, pgx.CopyFromRows(w.comp)); err != nil {
 			return fmt.Errorf("postgres: copy compartment: %w", err)
 		}
 		w.comp = w.comp[:0]

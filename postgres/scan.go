@@ -135,13 +135,20 @@ func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
 			JOIN resources r ON r.type=s.type AND r.id=s.id
 			WHERE jp.job=$2 ORDER BY r.rid`, q.Type, q.Job)
 	} else {
-		// A resource goes to the batch of its lowest-ordinal patient, so it is written once.
-		rows, err = db.pool.Query(ctx, `SELECT DISTINCT c.rid FROM job_patients jp
-			JOIN compartment c ON c.patient=jp.patient AND c.type=$1
-			WHERE jp.job=$2 AND jp.ord BETWEEN $3 AND $4
-			AND NOT EXISTS (SELECT 1 FROM compartment c2 JOIN job_patients jp2 ON jp2.job=$2 AND jp2.patient=c2.patient
-				WHERE c2.rid=c.rid AND jp2.ord < $3)
-			ORDER BY c.rid`, q.Type, q.Job, q.PatientLo, q.PatientHi)
+		// The compartment as of the snapshot: current memberships that began
+		// by then, and ended ones still on then. A resource goes to the batch
+		// of its lowest-ordinal patient of then, so it is written once.
+		rows, err = db.pool.Query(ctx, `SELECT DISTINCT m.rid FROM (
+				SELECT c.rid FROM job_patients jp JOIN compartment c ON c.patient=jp.patient AND c.type=$1
+				WHERE jp.job=$2 AND jp.ord BETWEEN $3 AND $4 AND c.since <= $5
+				UNION ALL
+				SELECT g.rid FROM job_patients jp JOIN compartment_gone g ON g.patient=jp.patient AND g.type=$1
+				WHERE jp.job=$2 AND jp.ord BETWEEN $3 AND $4 AND g.since <= $5 AND g.until > $5) m
+			WHERE NOT EXISTS (SELECT 1 FROM compartment c2 JOIN job_patients jp2 ON jp2.job=$2 AND jp2.patient=c2.patient
+				WHERE c2.rid=m.rid AND c2.since <= $5 AND jp2.ord < $3)
+			AND NOT EXISTS (SELECT 1 FROM compartment_gone g2 JOIN job_patients jp2 ON jp2.job=$2 AND jp2.patient=g2.patient
+				WHERE g2.rid=m.rid AND g2.since <= $5 AND g2.until > $5 AND jp2.ord < $3)
+			ORDER BY m.rid`, q.Type, q.Job, q.PatientLo, q.PatientHi, ms(q.Snapshot))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("postgres: list %s rows of job %s: %w", q.Type, q.Job, err)

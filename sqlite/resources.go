@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -75,7 +76,7 @@ type current struct {
 	rid, version int64
 	deleted      bool
 	hash         []byte
-	// pending marks a row inserted by this batch but not flushed yet.
+	// pending marks a row inserted or reindexed by this batch but not flushed yet.
 	pending bool
 }
 
@@ -93,7 +94,9 @@ type writer struct {
 var writeSQL = map[string]string{
 	"update":    `UPDATE resources SET version=?, lu=?, deleted=?, hash=?, body=? WHERE rid=?`,
 	"archive":   `INSERT INTO history(type, id, version, lu, deleted, body) SELECT type, id, version, lu, deleted, body FROM resources WHERE rid=?`,
-	"delComp":   `DELETE FROM compartment WHERE rid=?`,
+	"compOf":    `SELECT patient FROM compartment WHERE rid=?`,
+	"endComp":   `INSERT OR IGNORE INTO compartment_gone(patient, type, rid, since, until) SELECT patient, type, rid, since, ? FROM compartment WHERE rid=? AND patient=?`,
+	"dropComp":  `DELETE FROM compartment WHERE rid=? AND patient=?`,
 	"delAccess": `DELETE FROM access WHERE rid=?`,
 }
 
@@ -104,7 +107,7 @@ var bulkSQL = []struct {
 	head string
 }{
 	{"res", 8, `INSERT INTO resources(rid, type, id, version, lu, deleted, hash, body) VALUES`},
-	{"comp", 3, `INSERT OR IGNORE INTO compartment(patient, type, rid) VALUES`},
+	{"comp", 4, `INSERT OR IGNORE INTO compartment(patient, type, rid, since) VALUES`},
 	{"supp", 3, `INSERT OR IGNORE INTO supporting(patient, type, id) VALUES`},
 	{"access", 2, `INSERT OR IGNORE INTO access(code, rid) VALUES`},
 }
@@ -202,12 +205,14 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		if _, err := w.stmts["update"].ExecContext(ctx, version, w.lu, false, wr.Hash, body, rid); err != nil {
 			return res, fmt.Errorf("update %s/%s: %w", wr.Type, wr.ID, err)
 		}
-		for _, k := range []string{"delComp", "delAccess"} {
-			if _, err := w.stmts[k].ExecContext(ctx, rid); err != nil {
-				return res, fmt.Errorf("reindex %s/%s: %w", wr.Type, wr.ID, err)
-			}
+		if _, err := w.stmts["delAccess"].ExecContext(ctx, rid); err != nil {
+			return res, fmt.Errorf("reindex %s/%s: %w", wr.Type, wr.ID, err)
 		}
-		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash}
+		if err := w.moveCompartment(ctx, rid, wr.Patients); err != nil {
+			return res, fmt.Errorf("reindex %s/%s: %w", wr.Type, wr.ID, err)
+		}
+		// pending: a second write of it in this batch must see the new rows.
+		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash, pending: true}
 	} else {
 		rid = w.nextRID
 		w.nextRID++
@@ -215,7 +220,8 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash, pending: true}
 	}
 	for _, p := range wr.Patients {
-		w.compRows = append(w.compRows, p, wr.Type, rid)
+		// A membership the row already has keeps its since (OR IGNORE).
+		w.compRows = append(w.compRows, p, wr.Type, rid, w.lu)
 		for _, s := range wr.Supporting {
 			w.suppRows = append(w.suppRows, p, s.Type, s.ID)
 		}
@@ -233,6 +239,32 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		}
 	}
 	return res, nil
+}
+
+// moveCompartment ends the memberships of row rid that the new version's
+// patients no longer include: they move to compartment_gone, ended at this
+// write.
+func (w *writer) moveCompartment(ctx context.Context, rid int64, patients []string) error {
+	rows, err := w.stmts["compOf"].QueryContext(ctx, rid)
+	if err != nil {
+		return err
+	}
+	had, err := column[string](rows)
+	if err != nil {
+		return err
+	}
+	for _, p := range had {
+		if slices.Contains(patients, p) {
+			continue
+		}
+		if _, err := w.stmts["endComp"].ExecContext(ctx, w.lu, rid, p); err != nil {
+			return err
+		}
+		if _, err := w.stmts["dropComp"].ExecContext(ctx, rid, p); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // flush writes the rows waiting for multi-row INSERTs.

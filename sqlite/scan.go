@@ -156,15 +156,23 @@ func (db *DB) unitRows(ctx context.Context, q kiln.ScanQuery) ([]int64, error) {
 			JOIN resources r ON r.type=s.type AND r.id=s.id
 			WHERE jp.job=? ORDER BY r.rid`, q.Type, q.Job)
 	} else {
-		// The NOT EXISTS keeps a resource for the batch of its lowest-ordinal
-		// patient; the index hints keep that check to two seeks per row.
-		rows, err = db.read.QueryContext(ctx, `SELECT DISTINCT c.rid FROM job_patients jp
-			JOIN compartment c ON c.patient=jp.patient AND c.type=?1
-			WHERE jp.job=?2 AND jp.ord BETWEEN ?3 AND ?4
-			AND NOT EXISTS (SELECT 1 FROM compartment c2 INDEXED BY compartment_rid CROSS
+		// The compartment as of the snapshot: current memberships that began
+		// by then, and ended ones that were still on. The NOT EXISTS keeps a
+		// resource for the batch of its lowest-ordinal patient of then; the
+		// index hints keep that check to a few seeks per row.
+		rows, err = db.read.QueryContext(ctx, `SELECT DISTINCT m.rid FROM (
+				SELECT c.rid FROM job_patients jp JOIN compartment c ON c.patient=jp.patient AND c.type=?1
+				WHERE jp.job=?2 AND jp.ord BETWEEN ?3 AND ?4 AND c.since <= ?5
+				UNION ALL
+				SELECT g.rid FROM job_patients jp JOIN compartment_gone g ON g.patient=jp.patient AND g.type=?1
+				WHERE jp.job=?2 AND jp.ord BETWEEN ?3 AND ?4 AND g.since <= ?5 AND g.until > ?5) m
+			WHERE NOT EXISTS (SELECT 1 FROM compartment c2 INDEXED BY compartment_rid_since CROSS
 				JOIN job_patients jp2 INDEXED BY job_patients_patient ON jp2.job=?2 AND jp2.patient=c2.patient
-				WHERE c2.rid=c.rid AND jp2.ord < ?3)
-			ORDER BY c.rid`, q.Type, q.Job, q.PatientLo, q.PatientHi)
+				WHERE c2.rid=m.rid AND c2.since <= ?5 AND jp2.ord < ?3)
+			AND NOT EXISTS (SELECT 1 FROM compartment_gone g2 INDEXED BY compartment_gone_rid CROSS
+				JOIN job_patients jp2 INDEXED BY job_patients_patient ON jp2.job=?2 AND jp2.patient=g2.patient
+				WHERE g2.rid=m.rid AND g2.since <= ?5 AND g2.until > ?5 AND jp2.ord < ?3)
+			ORDER BY m.rid`, q.Type, q.Job, q.PatientLo, q.PatientHi, ms(q.Snapshot))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("list %s rows of job %s: %w", q.Type, q.Job, err)

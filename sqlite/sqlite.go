@@ -55,10 +55,17 @@ var schema = []string{
 	// reference them). Rows are never removed on update: a stale row can only add a
 	// Practitioner or Organization to an export, never lose data.
 	// Kept for tombstones too, so an export as of an earlier snapshot still finds them.
+	// compartment: the patients whose compartment a resource is in now, each
+	// since the lastUpdated of the version that put it there. compartment_gone
+	// keeps the memberships a later version ended (until: that version's
+	// lastUpdated), so a patient export reads the compartment as of its snapshot.
 	`CREATE TABLE IF NOT EXISTS compartment(
-		patient TEXT NOT NULL, type TEXT NOT NULL, rid INTEGER NOT NULL,
+		patient TEXT NOT NULL, type TEXT NOT NULL, rid INTEGER NOT NULL, since INTEGER NOT NULL DEFAULT 0,
 		PRIMARY KEY(patient, type, rid)) WITHOUT ROWID`,
-	`CREATE INDEX IF NOT EXISTS compartment_rid ON compartment(rid)`,
+	`CREATE TABLE IF NOT EXISTS compartment_gone(
+		patient TEXT NOT NULL, type TEXT NOT NULL, rid INTEGER NOT NULL, since INTEGER NOT NULL, until INTEGER NOT NULL,
+		PRIMARY KEY(patient, type, rid, until)) WITHOUT ROWID`,
+	`CREATE INDEX IF NOT EXISTS compartment_gone_rid ON compartment_gone(rid)`,
 	`CREATE TABLE IF NOT EXISTS supporting(
 		patient TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
 		PRIMARY KEY(patient, type, id)) WITHOUT ROWID`,
@@ -121,6 +128,10 @@ func Open(ctx context.Context, dir string) (*DB, error) {
 			return nil, fmt.Errorf("create schema: %w", err)
 		}
 	}
+	if err := upgrade(ctx, w); err != nil {
+		w.Close()
+		return nil, err
+	}
 	r, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)&_pragma=cache_size(-8192)")
 	if err != nil {
 		w.Close()
@@ -143,6 +154,32 @@ func Open(ctx context.Context, dir string) (*DB, error) {
 		}
 	}
 	return db, nil
+}
+
+// upgrade brings a database made by an earlier Kiln to the current schema.
+func upgrade(ctx context.Context, w *sql.DB) error {
+	// Memberships indexed before compartment.since existed count from the
+	// beginning: what an export found before, it finds still.
+	var n int
+	if err := w.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('compartment') WHERE name='since'`).Scan(&n); err != nil {
+		return fmt.Errorf("read schema: %w", err)
+	}
+	if n == 0 {
+		if _, err := w.ExecContext(ctx, `ALTER TABLE compartment ADD COLUMN since INTEGER NOT NULL DEFAULT 0`); err != nil {
+			return fmt.Errorf("upgrade schema: %w", err)
+		}
+	}
+	// The by-row index holds since, so the lowest-ordinal check of a patient
+	// export reads no table rows; it replaces the earlier compartment_rid.
+	for _, stmt := range []string{
+		`CREATE INDEX IF NOT EXISTS compartment_rid_since ON compartment(rid, since)`,
+		`DROP INDEX IF EXISTS compartment_rid`,
+	} {
+		if _, err := w.ExecContext(ctx, stmt); err != nil {
+			return fmt.Errorf("upgrade schema: %w", err)
+		}
+	}
+	return nil
 }
 
 // Close closes the database.

@@ -46,6 +46,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"SearchIdentifierAndPaging", testSearch},
 		{"ScanShowsSnapshot", testScanSnapshot},
 		{"ScanPatientBatchesOnce", testScanPatients},
+		{"ScanPatientsAsOfSnapshot", testScanPatientsAsOfSnapshot},
 		{"SplitTypeCoversAll", testSplit},
 		{"DeletionsInWindow", testDeletions},
 		{"JobUnitsClaimedOnce", testUnits},
@@ -237,7 +238,6 @@ func testClock(t *testing.T, s Store) {
 }
 
 func testCompartment(t *testing.T, s Store) {
-	ctx := context.Background()
 	write(t, s,
 		Put(t, patient("a")), Put(t, patient("b")),
 		Put(t, observation("o-subject", "a")),
@@ -248,17 +248,7 @@ func testCompartment(t *testing.T, s Store) {
 		Put(t, `{"resourceType":"Encounter","id":"e1","status":"finished","class":{"code":"AMB"},"subject":{"reference":"Patient/b"},"participant":[{"individual":{"reference":"Practitioner/dr1"}}]}`),
 		Put(t, `{"resourceType":"ExplanationOfBenefit","id":"eob1","status":"active","type":{"text":"t"},"use":"claim","patient":{"reference":"#p"},"created":"2020-01-01","insurer":{"display":"x"},"provider":{"display":"x"},"outcome":"complete","insurance":[{"focal":true,"coverage":{"display":"x"}}],"contained":[{"resourceType":"Patient","id":"p","link":[{"other":{"reference":"Patient/a"},"type":"seealso"}]}]}`),
 	)
-	got := func(p string) []string {
-		refs, err := s.CompartmentOf(ctx, p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []string
-		for _, r := range refs {
-			out = append(out, r.Type+"/"+r.ID)
-		}
-		return out
-	}
+	got := func(p string) []string { return compartmentIDs(t, s, p) }
 	if want, have := []string{"Claim/c1", "Observation/o-absolute", "Observation/o-subject", "Patient/a"}, got("a"); !slices.Equal(want, have) {
 		t.Errorf("compartment of a: want %v, have %v", want, have)
 	}
@@ -270,6 +260,20 @@ func testCompartment(t *testing.T, s Store) {
 	if have := got("a"); slices.Contains(have, "Observation/o-subject") {
 		t.Errorf("stale compartment row after update: %v", have)
 	}
+}
+
+// compartmentIDs lists patient p's compartment now, as Type/id.
+func compartmentIDs(t *testing.T, s Store, p string) []string {
+	t.Helper()
+	refs, err := s.CompartmentOf(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, r := range refs {
+		out = append(out, r.Type+"/"+r.ID)
+	}
+	return out
 }
 
 func testSearch(t *testing.T, s Store) {
@@ -405,6 +409,94 @@ func testScanPatients(t *testing.T, s Store) {
 	}
 	if got := scanIDs(t, s, kiln.ScanQuery{Type: "Observation", Snapshot: snap, Job: "job2", PatientLo: 0, PatientHi: 0}); len(got) != 0 {
 		t.Fatalf("patient b has no observations, got %v", got)
+	}
+}
+
+// testScanPatientsAsOfSnapshot: a patient batch reads the compartment as it
+// was at the snapshot, not as it is now, so a record whose references move
+// between patients after the snapshot goes to the batch of the patient it
+// belonged to then, once, in its version of then.
+func testScanPatientsAsOfSnapshot(t *testing.T, s Store) {
+	ctx := context.Background()
+	obs := func(id, status, subject string, performer ...string) kiln.Write {
+		perf := ""
+		for _, p := range performer {
+			perf += fmt.Sprintf(`,"performer":[{"reference":"Patient/%s"}]`, p)
+		}
+		return Put(t, fmt.Sprintf(`{"resourceType":"Observation","id":%q,"status":%q,"code":{"text":"x"},"subject":{"reference":"Patient/%s"}%s}`, id, status, subject, perf))
+	}
+	write(t, s, Put(t, patient("a")), Put(t, patient("b")), Put(t, patient("c")),
+		obs("o-out", "final", "a"),   // moves from a to b
+		obs("o-in", "final", "b"),    // moves from b to a
+		obs("o-joins", "final", "c"), // gains a as performer: a has the lower ordinal
+		obs("o-back", "final", "a"),  // goes to b and comes back to a
+		obs("o-stays", "final", "a"), // changes, stays with a
+		obs("o-gone", "final", "a"),  // deleted
+		obs("o-twice", "final", "c"), // written twice in one batch
+	)
+	snap, _ := s.SnapshotTime(ctx)
+	write(t, s, obs("o-out", "amended", "b"), obs("o-in", "amended", "a"), obs("o-joins", "amended", "c", "a"),
+		obs("o-back", "amended", "b"), obs("o-stays", "amended", "a"))
+	write(t, s, obs("o-back", "corrected", "a"), kiln.Write{Kind: kiln.Delete, Type: "Observation", ID: "o-gone"},
+		obs("o-twice", "amended", "b"), obs("o-twice", "corrected", "a"))
+	now, _ := s.SnapshotTime(ctx)
+	scan := func(snapshot time.Time, job string, lo int) []string {
+		var ids []string
+		err := s.Scan(ctx, kiln.ScanQuery{Type: "Observation", Snapshot: snapshot, Job: job, PatientLo: lo, PatientHi: lo, Batch: 2}, func(b []byte) error {
+			var m struct{ ID, Status string }
+			if err := json.Unmarshal(b, &m); err != nil {
+				return err
+			}
+			ids = append(ids, m.ID+":"+m.Status)
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sort.Strings(ids)
+		return ids
+	}
+	if err := s.SetPatients(ctx, "abc", []string{"a", "b", "c"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		at   time.Time
+		name string
+		want [3][]string
+	}{
+		{snap, "snapshot", [3][]string{
+			{"o-back:final", "o-gone:final", "o-out:final", "o-stays:final"},
+			{"o-in:final"},
+			{"o-joins:final", "o-twice:final"},
+		}},
+		{now, "now", [3][]string{
+			{"o-back:corrected", "o-in:amended", "o-joins:amended", "o-stays:amended", "o-twice:corrected"},
+			{"o-out:amended"},
+			nil,
+		}},
+	} {
+		for lo, want := range tc.want {
+			if got := scan(tc.at, "abc", lo); !slices.Equal(got, want) {
+				t.Errorf("%s, batch of patient %d: %v, want %v", tc.name, lo, got, want)
+			}
+		}
+	}
+	// A Patient-level export of a alone, and of b alone, as of the snapshot.
+	if err := s.SetPatients(ctx, "a", []string{"a"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := scan(snap, "a", 0), []string{"o-back:final", "o-gone:final", "o-out:final", "o-stays:final"}; !slices.Equal(got, want) {
+		t.Errorf("patient a at the snapshot: %v, want %v", got, want)
+	}
+	if err := s.SetPatients(ctx, "b", []string{"b"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := scan(snap, "b", 0), []string{"o-in:final"}; !slices.Equal(got, want) {
+		t.Errorf("patient b at the snapshot: %v, want %v", got, want)
+	}
+	// Search reads the compartment as it is now.
+	if got, want := compartmentIDs(t, s, "b"), []string{"Observation/o-out", "Patient/b"}; !slices.Equal(got, want) {
+		t.Errorf("b's compartment now: %v, want %v", got, want)
 	}
 }
 
