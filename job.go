@@ -74,6 +74,27 @@ type ExportAsk struct {
 	// AllowPartialManifests (Bulk Data v3): while the export runs, the status
 	// answers with manifest pages of the files already written.
 	AllowPartialManifests bool `json:"allowPartialManifests,omitempty"`
+	// Views makes the job a $viewdefinition-export (SQL on FHIR): it writes
+	// the rows of each view over the resources of its type, in ViewFormat,
+	// instead of the resources. Types are then the views' types.
+	Views []ViewExport `json:"views,omitempty"`
+	// ViewFormat is csv, ndjson, json or parquet (view.Formats).
+	ViewFormat string `json:"viewFormat,omitempty"`
+	// ViewHeader starts each CSV file with the column names.
+	ViewHeader bool `json:"viewHeader,omitempty"`
+	// ClientTrackingID is echoed in a view export's status.
+	ClientTrackingID string `json:"clientTrackingId,omitempty"`
+}
+
+// ViewExport is one view of a $viewdefinition-export. The definition
+// travels with the job, as given, and is compiled by whichever process runs
+// a unit.
+type ViewExport struct {
+	// Name names the view's output files (the view parameter's name, else
+	// the ViewDefinition's name, else view_<n>).
+	Name       string          `json:"name"`
+	Resource   string          `json:"resource"`
+	Definition json.RawMessage `json:"definition"`
 }
 
 // TypesAsked reports whether the client sent _type.

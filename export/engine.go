@@ -487,7 +487,7 @@ func (s *Service) plan(ctx context.Context, job *kiln.Job, present []string, pat
 	if assoc && len(exported) > 0 && slices.Contains(present, "Provenance") && (req.Level == kiln.LevelSystem || patients > 0) && !allProvenance(req, exported) {
 		add(kiln.Unit{Kind: kiln.UnitAssociated, Type: "Provenance", Types: exported, PatientHi: patients - 1})
 	}
-	if req.Since != nil {
+	if req.Since != nil && len(req.Views) == 0 {
 		dt := exported
 		if req.TypesAsked() {
 			dt = req.Types
@@ -976,8 +976,13 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 			// Clients fetch from the sink: a file cannot span parts.
 			maxCount, maxBytes = 1, 1
 		}
+		ext := "ndjson"
+		if len(j.Request.Views) > 0 {
+			// A view's part is a whole file (CSV header, Parquet footer).
+			maxCount, maxBytes, ext = 1, 1, j.Request.ViewFormat
+		}
 		j.State = kiln.JobCompleted
-		j.Files = assemble(parts, maxCount, maxBytes)
+		j.Files = assemble(parts, maxCount, maxBytes, ext)
 		if j.Request.AllowPartialManifests {
 			// The pages handed out stay as they are; the rest is the last page.
 			if last := pageFiles(parts, j.Pages); len(last) > 0 || len(j.Pages) == 0 {
@@ -1081,7 +1086,7 @@ func kindRank(kind string) int {
 
 // assemble groups parts into manifest files: consecutive parts of one kind and
 // type, as long as the file stays within the limits.
-func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
+func assemble(parts []kiln.Part, maxCount, maxBytes int64, ext string) []kiln.File {
 	type key struct{ kind, typ string }
 	byKey := map[key][]kiln.Part{}
 	var keys []key
@@ -1109,7 +1114,7 @@ func assemble(parts []kiln.Part, maxCount, maxBytes int64) []kiln.File {
 		for _, p := range byKey[k] {
 			if cur < 0 || continues || files[cur].Count+p.Count > maxCount || files[cur].Bytes+p.Bytes > maxBytes {
 				n++
-				name := fmt.Sprintf("%s-%d.ndjson", k.typ, n)
+				name := fmt.Sprintf("%s-%d.%s", k.typ, n, ext)
 				switch {
 				case k.kind == "deleted":
 					name = fmt.Sprintf("deleted-%d.ndjson", n)

@@ -108,7 +108,7 @@ func TestAssembleSplitsAndOrders(t *testing.T) {
 		{Type: "Patient", Name: "e", Count: 0, Bytes: 0, Kind: "output"},
 		{Type: "OperationOutcome", Name: "f", Count: 1, Bytes: 10, Kind: "error"},
 	}
-	files := assemble(parts, 4, 1000)
+	files := assemble(parts, 4, 1000, "ndjson")
 	var names []string
 	for _, f := range files {
 		names = append(names, f.Name+":"+strings.Join(f.Parts, "+"))

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/view"
 )
 
 // execute runs one unit and returns the parts it wrote.
@@ -40,7 +41,17 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit, sink
 			return emit(body)
 		})
 	}
+	var views []jobView
+	if len(req.Views) > 0 {
+		var err error
+		if views, err = compileViews(req.Views); err != nil {
+			return nil, err
+		}
+	}
 	scan := func(q kiln.ScanQuery) error {
+		if views != nil {
+			return scanTo(q, func(body []byte) error { return w.viewRows(views, req, q.Type, body) })
+		}
 		return scanTo(q, func(body []byte) error { return w.write("output", q.Type, body) })
 	}
 	var err error
@@ -231,6 +242,22 @@ func outcomeLine(is kiln.Issue) []byte {
 type openPart struct {
 	part kiln.Part
 	w    io.WriteCloser
+	// rows, for a view's part, formats its rows into w through counted.
+	rows    view.Writer
+	counted *countingWriter
+}
+
+// finish ends the part's file: a view's writer flushes (a Parquet footer,
+// a JSON array's end) first, and then the part knows its size.
+func (p *openPart) finish() error {
+	if p.rows != nil {
+		if err := p.rows.Close(); err != nil {
+			p.w.Close()
+			return err
+		}
+		p.part.Bytes = p.counted.n
+	}
+	return p.w.Close()
 }
 
 // partWriter writes a unit's lines into parts, one open part per kind and
@@ -271,7 +298,7 @@ func (w *partWriter) full(p *openPart, line []byte) bool {
 // roll closes the open part of key; the next line starts a new one.
 func (w *partWriter) roll(key string) error {
 	p := w.open[key]
-	if err := p.w.Close(); err != nil {
+	if err := p.finish(); err != nil {
 		return fmt.Errorf("write export part %s: %w", p.part.Name, err)
 	}
 	w.done = append(w.done, p.part)
@@ -403,7 +430,7 @@ func (w *partWriter) blockPut(line []byte) error {
 func (w *partWriter) close() ([]kiln.Part, error) {
 	var firstErr error
 	for _, p := range w.open {
-		if err := p.w.Close(); err != nil && firstErr == nil {
+		if err := p.finish(); err != nil && firstErr == nil {
 			firstErr = fmt.Errorf("write export part %s: %w", p.part.Name, err)
 		}
 		w.done = append(w.done, p.part)

@@ -84,7 +84,12 @@ func (s *Server) capRest(r *http.Request) map[string]any {
 		"mode":        "server",
 		"interaction": []capInteraction{{"transaction"}, {"batch"}},
 		"resource":    capResources(),
-		"operation":   []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}},
+		// SQL on FHIR's operations, at system level (R4 has no ViewDefinition
+		// type to list them under); they also answer under /ViewDefinition/.
+		// Views are inline (viewResource): Kiln does not store them.
+		"operation": []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"},
+			{"viewdefinition-run", "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-run"},
+			{"viewdefinition-export", "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-export"}},
 	}
 	if s.cfg.Verifier == nil {
 		return rest

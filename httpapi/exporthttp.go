@@ -16,6 +16,7 @@ import (
 	"github.com/kiln-fhir/kiln/auth"
 	"github.com/kiln-fhir/kiln/export"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/view"
 	"golang.org/x/time/rate"
 )
 
@@ -88,37 +89,50 @@ func (s *Server) kickOff(level string) http.HandlerFunc {
 				return
 			}
 		}
-		p := principal(r)
-		if err := exportAllowed(p); err != nil {
-			s.writeError(w, r, err)
+		job, ok := s.startExport(w, r, func(*auth.Principal) (*kiln.ExportRequest, error) { return export.ParseKickOff(k) })
+		if !ok {
 			return
 		}
-		if p.ReadsNoTenant() {
-			s.writeError(w, r, auth.Forbidden("the token has no access/ scope, so it may export no records: this server runs with --tenancy %s, where each token must name its tenants (access/<code>.read)", kiln.TenancyAccessTags))
-			return
-		}
-		req, err := export.ParseKickOff(k)
-		if err != nil {
-			s.writeError(w, r, err)
-			return
-		}
-		if !s.allowKickOff(p.Owner()) {
-			s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("too many kick-offs: at most %d a minute per client", s.cfg.KickOffsPerMinute), RetryAfter: 60 / max(1, s.cfg.KickOffsPerMinute/10)})
-			return
-		}
-		applyScopes(p, req)
-		job, err := s.exports.Start(r.Context(), req, p.Owner())
-		if err != nil {
-			s.writeError(w, r, err)
-			return
-		}
-		w.Header().Set("Content-Location", s.publicURL(r, s.cfg.BasePath+"/$export/"+job.ID))
 		msg := fmt.Sprintf("export %s accepted; poll the Content-Location for its status", job.ID)
-		if len(req.Warnings) > 0 {
-			msg += fmt.Sprintf(" (%d ignored parameters are listed in the error file)", len(req.Warnings))
+		if len(job.Request.Warnings) > 0 {
+			msg += fmt.Sprintf(" (%d ignored parameters are listed in the error file)", len(job.Request.Warnings))
 		}
 		writeOutcome(w, http.StatusAccepted, "information", "informational", msg)
 	}
+}
+
+// startExport is every kick-off's path ($export at each level and
+// $viewdefinition-export): the token's checks, parse (which may refuse
+// what the token cannot read), the kick-off rate, the token's limits on
+// the request, and the job. On success the Content-Location is set and the
+// caller writes the body; otherwise the error is written.
+func (s *Server) startExport(w http.ResponseWriter, r *http.Request, parse func(*auth.Principal) (*kiln.ExportRequest, error)) (*kiln.Job, bool) {
+	p := principal(r)
+	if err := exportAllowed(p); err != nil {
+		s.writeError(w, r, err)
+		return nil, false
+	}
+	if p.ReadsNoTenant() {
+		s.writeError(w, r, auth.Forbidden("the token has no access/ scope, so it may export no records: this server runs with --tenancy %s, where each token must name its tenants (access/<code>.read)", kiln.TenancyAccessTags))
+		return nil, false
+	}
+	req, err := parse(p)
+	if err != nil {
+		s.writeError(w, r, err)
+		return nil, false
+	}
+	if !s.allowKickOff(p.Owner()) {
+		s.writeError(w, r, &kiln.Error{Code: kiln.ETHROTTLED, Message: fmt.Sprintf("too many kick-offs: at most %d a minute per client", s.cfg.KickOffsPerMinute), RetryAfter: 60 / max(1, s.cfg.KickOffsPerMinute/10)})
+		return nil, false
+	}
+	applyScopes(p, req)
+	job, err := s.exports.Start(r.Context(), req, p.Owner())
+	if err != nil {
+		s.writeError(w, r, err)
+		return nil, false
+	}
+	w.Header().Set("Content-Location", s.publicURL(r, s.cfg.BasePath+"/$export/"+job.ID))
+	return job, true
 }
 
 // allowKickOff applies the per-principal kick-off rate.
@@ -326,17 +340,13 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if len(j.Request.Views) > 0 {
+		s.viewExportStatus(w, r, j)
+		return
+	}
 	switch j.State {
 	case kiln.JobAccepted, kiln.JobInProgress:
-		progress, retry := string(j.State), s.cfg.RetryAfter
-		if j.State == kiln.JobInProgress {
-			pct := s.exports.Progress(r.Context(), j)
-			progress = fmt.Sprintf("in-progress (%d%%)", pct)
-			retry = statusRetryAfter(s.cfg.RetryAfter, pct, time.Since(j.Created))
-		}
-		s.answered(id, time.Duration(retry)*time.Second)
-		w.Header().Set("Retry-After", strconv.Itoa(retry))
-		w.Header().Set("X-Progress", progress)
+		s.progressHeaders(w, r, j)
 		if j.Request.AllowPartialManifests {
 			// Bulk Data v3: the files written so far, as fixed manifest pages.
 			if j, err = s.exports.PartialPages(r.Context(), j); err != nil {
@@ -380,6 +390,20 @@ func (s *Server) exportStatus(w http.ResponseWriter, r *http.Request) {
 	default:
 		s.writeError(w, r, kiln.Errorf(kiln.ENOTFOUND, "export job %s is not known", id))
 	}
+}
+
+// progressHeaders sets a running job's Retry-After and X-Progress, and
+// notes the answer for the poll rate limit.
+func (s *Server) progressHeaders(w http.ResponseWriter, r *http.Request, j *kiln.Job) {
+	progress, retry := string(j.State), s.cfg.RetryAfter
+	if j.State == kiln.JobInProgress {
+		pct := s.exports.Progress(r.Context(), j)
+		progress = fmt.Sprintf("in-progress (%d%%)", pct)
+		retry = statusRetryAfter(s.cfg.RetryAfter, pct, time.Since(j.Created))
+	}
+	s.answered(j.ID, time.Duration(retry)*time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(retry))
+	w.Header().Set("X-Progress", progress)
 }
 
 type manifestFile struct {
@@ -444,12 +468,10 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job, files []kiln.File) (mani
 		OutputOrganizedBy:   j.Request.OrganizeOutputBy,
 	}
 	fileURL := func(f *kiln.File) (string, error) {
-		if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil || ok {
-			// Capability URLs from the sink: no token is needed, or to be sent.
-			m.RequiresAccessToken = m.RequiresAccessToken && !ok
-			return u, err
-		}
-		return s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), nil
+		u, presigned, err := s.fileURL(r, j, f)
+		// Capability URLs from the sink: no token is needed, or to be sent.
+		m.RequiresAccessToken = m.RequiresAccessToken && !presigned
+		return u, err
 	}
 	for i := range files {
 		f := &files[i]
@@ -480,6 +502,15 @@ func (s *Server) manifest(r *http.Request, j *kiln.Job, files []kiln.File) (mani
 	}
 	m.Errors = m.Error
 	return m, nil
+}
+
+// fileURL is where a client downloads a job's file: the sink's own
+// (presigned) URL when it gives one, else Kiln's file endpoint.
+func (s *Server) fileURL(r *http.Request, j *kiln.Job, f *kiln.File) (url string, presigned bool, err error) {
+	if u, ok, err := s.exports.FileURL(r.Context(), j, f); err != nil || ok {
+		return u, ok, err
+	}
+	return s.publicURL(r, s.cfg.BasePath+"/$export/"+j.ID+"/file/"+f.Name), false, nil
 }
 
 func (s *Server) exportCancel(w http.ResponseWriter, r *http.Request) {
@@ -533,13 +564,18 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 	defer rc.Close()
 	h := w.Header()
 	h.Set("Content-Type", fhirNDJSON)
+	gzipOK := true
+	if len(j.Request.Views) > 0 && f.Kind == "output" {
+		h.Set("Content-Type", view.ContentType[j.Request.ViewFormat])
+		gzipOK = j.Request.ViewFormat != "parquet" // compressed already
+	}
 	if !j.Expires.IsZero() {
 		h.Set("Expires", j.Expires.UTC().Format(http.TimeFormat))
 	}
 	h.Set("Vary", "Accept-Encoding")
 	h.Set("X-Resource-Count", strconv.FormatInt(f.Count, 10))
 	var out io.Writer = w
-	if acceptsGzip(r) {
+	if gzipOK && acceptsGzip(r) {
 		h.Set("Content-Encoding", "gzip")
 		gz, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
 		defer gz.Close()

@@ -205,6 +205,9 @@ func (s *Server) routes() {
 	h("GET "+b+"/$export/{job}/file/{name}", s.exportFile)
 
 	h("POST "+b+"/ViewDefinition/$viewdefinition-run", s.viewRun)
+	h("POST "+b+"/$viewdefinition-run", s.viewRun)
+	h("POST "+b+"/ViewDefinition/$viewdefinition-export", s.viewExport)
+	h("POST "+b+"/$viewdefinition-export", s.viewExport)
 
 	h("POST "+b+"/{$}", s.bundle)
 	if b != "" {
