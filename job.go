@@ -20,6 +20,12 @@ const (
 	JobCancelled  JobState = "cancelled"
 )
 
+// Export output formats (_outputFormat).
+const (
+	FormatNDJSON  = "application/fhir+ndjson"
+	FormatParquet = "application/vnd.apache.parquet"
+)
+
 // Export levels.
 const (
 	LevelSystem  = "system"

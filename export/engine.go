@@ -977,9 +977,12 @@ func (s *Service) finalize(ctx context.Context, id string) error {
 			maxCount, maxBytes = 1, 1
 		}
 		ext := "ndjson"
-		if len(j.Request.Views) > 0 {
+		switch {
+		case len(j.Request.Views) > 0:
 			// A view's part is a whole file (CSV header, Parquet footer).
 			maxCount, maxBytes, ext = 1, 1, j.Request.ViewFormat
+		case j.Request.OutputFormat == kiln.FormatParquet:
+			maxCount, maxBytes, ext = 1, 1, "parquet"
 		}
 		j.State = kiln.JobCompleted
 		j.Files = assemble(parts, maxCount, maxBytes, ext)

@@ -67,7 +67,7 @@ var paramNames = map[string]string{
 // kick-off without parameters makes it: the one place defaults are chosen.
 func NewRequest(level string) *kiln.ExportRequest {
 	return &kiln.ExportRequest{
-		ExportAsk: kiln.ExportAsk{Level: level, OutputFormat: "application/fhir+ndjson"},
+		ExportAsk: kiln.ExportAsk{Level: level, OutputFormat: kiln.FormatNDJSON},
 		JobHints: kiln.JobHints{
 			PatientReferenceBatchSize: DefaultPatientBatch,
 			FetchResourceBatchSize:    DefaultFetchBatch,
@@ -279,6 +279,12 @@ func (p *parser) organized() {
 		r.OrganizeOutputBy = ""
 		return
 	}
+	if r.OutputFormat == kiln.FormatParquet {
+		// Blocks mix types in one stream; a Parquet file holds one type.
+		p.unsupported("organizeOutputBy", "organizeOutputBy needs NDJSON output: a Parquet file holds one resource type")
+		r.OrganizeOutputBy = ""
+		return
+	}
 	kept := r.Types[:0:0]
 	for _, t := range r.Types {
 		if fhir.R4().InCompartment(t) {
@@ -362,9 +368,11 @@ func (p *parser) param(name, raw string, vals []string) {
 		}
 		switch v {
 		case "application/fhir+ndjson", "application/ndjson", "ndjson":
-			r.OutputFormat = "application/fhir+ndjson"
+			r.OutputFormat = kiln.FormatNDJSON
+		case kiln.FormatParquet, "parquet":
+			r.OutputFormat = kiln.FormatParquet
 		default:
-			p.unsupported(raw, "_outputFormat %q is not supported: use application/fhir+ndjson, application/ndjson or ndjson", v)
+			p.unsupported(raw, "_outputFormat %q is not supported: use application/fhir+ndjson (application/ndjson, ndjson) or application/vnd.apache.parquet (parquet)", v)
 		}
 	case "_since", "_until":
 		v, ok := single(vals)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/fhirparquet"
 	"github.com/kiln-fhir/kiln/view"
 )
 
@@ -18,7 +19,8 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit, sink
 	req := &job.Request
 	set := s.settings(job)
 	w := &partWriter{ctx: ctx, sink: sink, job: job.ID, prefix: unitPrefix(u), opt: kiln.WriteOptions{PartSize: req.UploadPartSize},
-		maxCount: set.MaxFileResources, maxBytes: set.MaxFileBytes, open: map[string]*openPart{}}
+		maxCount: set.MaxFileResources, maxBytes: set.MaxFileBytes, open: map[string]*openPart{},
+		parquet: req.OutputFormat == kiln.FormatParquet}
 	refs := s.refs(job)
 	q := baseQuery(job)
 	// scanTo streams what the export keeps of one scan to emit.
@@ -68,6 +70,10 @@ func (s *Service) execute(ctx context.Context, job *kiln.Job, u *kiln.Unit, sink
 		for _, t := range u.Types {
 			q.Type = t
 			if err = scan(q); err != nil {
+				break
+			}
+			// A Parquet file holds its row group in memory: one type's at a time.
+			if err = w.closeParquet(t); err != nil {
 				break
 			}
 		}
@@ -242,19 +248,28 @@ func outcomeLine(is kiln.Issue) []byte {
 type openPart struct {
 	part kiln.Part
 	w    io.WriteCloser
-	// rows, for a view's part, formats its rows into w through counted.
-	rows    view.Writer
-	counted *countingWriter
+	// rows, for a view's part, formats its rows into w through counted;
+	// resources, for a Parquet export's, its resources.
+	rows      view.Writer
+	resources *fhirparquet.Writer
+	counted   *countingWriter
 }
 
 // finish ends the part's file: a view's writer flushes (a Parquet footer,
 // a JSON array's end) first, and then the part knows its size.
 func (p *openPart) finish() error {
-	if p.rows != nil {
-		if err := p.rows.Close(); err != nil {
-			p.w.Close()
-			return err
-		}
+	var err error
+	switch {
+	case p.rows != nil:
+		err = p.rows.Close()
+	case p.resources != nil:
+		err = p.resources.Close()
+	}
+	if err != nil {
+		p.w.Close()
+		return err
+	}
+	if p.counted != nil {
 		p.part.Bytes = p.counted.n
 	}
 	return p.w.Close()
@@ -276,11 +291,16 @@ type partWriter struct {
 	blk      *block // the resource block being written (organizeOutputBy)
 	// blockBuffer bounds a held block (maxBlockBuffer when 0; tests lower it).
 	blockBuffer int64
+	// parquet: output resources go into Parquet files, one type a file.
+	parquet bool
 }
 
 var newline = []byte{'\n'}
 
 func (w *partWriter) write(kind, typ string, line []byte) error {
+	if kind == "output" && w.parquet {
+		return w.writeParquet(typ, line)
+	}
 	key := kind + "/" + typ
 	if p := w.open[key]; p != nil && w.full(p, line) {
 		if err := w.roll(key); err != nil {

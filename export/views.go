@@ -7,6 +7,7 @@ import (
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/fhirparquet"
 	"github.com/kiln-fhir/kiln/view"
 )
 
@@ -101,6 +102,54 @@ func (w *partWriter) writeRow(jv jobView, format string, header bool, row []any)
 		return w.ctx.Err()
 	}
 	return nil
+}
+
+// writeParquet adds a resource to the open Parquet part of its type,
+// starting one (a file of its own) when there is none or it reached the
+// file limits.
+func (w *partWriter) writeParquet(typ string, body []byte) error {
+	key := "output/" + typ
+	if p := w.open[key]; p != nil && (p.part.Count >= w.maxCount || p.counted.n >= w.maxBytes) {
+		if err := w.roll(key); err != nil {
+			return err
+		}
+	}
+	p := w.open[key]
+	if p == nil {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
+		w.n++
+		name := fmt.Sprintf("%soutput-%s-%03d.parquet", w.prefix, typ, w.n)
+		f, err := w.sink.Create(w.ctx, w.job, name, w.opt)
+		if err != nil {
+			return err
+		}
+		cw := &countingWriter{w: f}
+		pw, err := fhirparquet.NewWriter(cw, typ)
+		if err != nil {
+			f.Close()
+			return err
+		}
+		p = &openPart{part: kiln.Part{Type: typ, Name: name, Kind: "output"}, w: f, resources: pw, counted: cw}
+		w.open[key] = p
+	}
+	if err := p.resources.Write(body); err != nil {
+		return err
+	}
+	p.part.Count++
+	if p.part.Count%1024 == 0 {
+		return w.ctx.Err()
+	}
+	return nil
+}
+
+// closeParquet ends the open Parquet part of typ, if any.
+func (w *partWriter) closeParquet(typ string) error {
+	if !w.parquet || w.open["output/"+typ] == nil {
+		return nil
+	}
+	return w.roll("output/" + typ)
 }
 
 // countingWriter counts the bytes a view's writer gives the sink.

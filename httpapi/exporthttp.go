@@ -565,9 +565,14 @@ func (s *Server) exportFile(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Content-Type", fhirNDJSON)
 	gzipOK := true
-	if len(j.Request.Views) > 0 && f.Kind == "output" {
+	switch {
+	case f.Kind != "output":
+	case len(j.Request.Views) > 0:
 		h.Set("Content-Type", view.ContentType[j.Request.ViewFormat])
 		gzipOK = j.Request.ViewFormat != "parquet" // compressed already
+	case j.Request.OutputFormat == kiln.FormatParquet:
+		h.Set("Content-Type", kiln.FormatParquet)
+		gzipOK = false
 	}
 	if !j.Expires.IsZero() {
 		h.Set("Expires", j.Expires.UTC().Format(http.TimeFormat))

@@ -4,61 +4,19 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/kiln-fhir/kiln/internal/duckdbtest"
 )
-
-// duckdb returns the folder holding @duckdb/node-api (npm install
-// @duckdb/node-api in KILN_DUCKDB_DIR, default ~/.cache/kiln-duckdb). The test
-// skips without it, unless KILN_REQUIRE_INTEGRATION is set.
-func duckdb(t *testing.T) string {
-	t.Helper()
-	dir := os.Getenv("KILN_DUCKDB_DIR")
-	if dir == "" {
-		home, _ := os.UserHomeDir()
-		dir = filepath.Join(home, ".cache", "kiln-duckdb")
-	}
-	_, err := os.Stat(filepath.Join(dir, "node_modules", "@duckdb", "node-api", "package.json"))
-	_, nodeErr := exec.LookPath("node")
-	if err != nil || nodeErr != nil {
-		msg := "DuckDB for node is not installed: npm install @duckdb/node-api in " + dir
-		if os.Getenv("KILN_REQUIRE_INTEGRATION") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return dir
-}
-
-// querySQL runs SQL in DuckDB and returns the rows as JSON objects.
-func querySQL(t *testing.T, dir, sql string) []map[string]any {
-	t.Helper()
-	script := `const {DuckDBInstance} = require(process.argv[1] + '/node_modules/@duckdb/node-api');
-(async () => {
-  const db = await DuckDBInstance.create(':memory:');
-  const c = await db.connect();
-  const r = await c.runAndReadAll(process.argv[2]);
-  process.stdout.write(JSON.stringify(r.getRowObjectsJson()));
-})().catch(e => { console.error(e); process.exit(1); });`
-	out, err := exec.Command("node", "-e", script, dir, sql).CombinedOutput()
-	if err != nil {
-		t.Fatalf("duckdb: %v\n%s", err, out)
-	}
-	var rows []map[string]any
-	if err := json.Unmarshal(out, &rows); err != nil {
-		t.Fatalf("duckdb output: %v\n%s", err, out)
-	}
-	return rows
-}
 
 // TestParquetReadByDuckDB: a view written as Parquet reads back in DuckDB
 // with the column types the view declares, the same rows as the JSON output,
 // and the same answers to typed queries.
 func TestParquetReadByDuckDB(t *testing.T) {
-	dir := duckdb(t)
+	dir := duckdbtest.Dir(t)
 	v, err := Parse([]byte(`{"resource":"Observation","select":[{"column":[
 	 {"name":"id","path":"id","type":"id"},
 	 {"name":"code","path":"code.coding.code.first()","type":"code"},
@@ -113,7 +71,7 @@ func TestParquetReadByDuckDB(t *testing.T) {
 	from := "read_parquet('" + file + "')"
 
 	types := map[string]string{}
-	for _, r := range querySQL(t, dir, "DESCRIBE SELECT * FROM "+from) {
+	for _, r := range duckdbtest.Query(t, dir, "DESCRIBE SELECT * FROM "+from) {
 		types[r["column_name"].(string)] = r["column_type"].(string)
 	}
 	wantTypes := map[string]string{"id": "VARCHAR", "code": "VARCHAR", "value": "DOUBLE", "n": "INTEGER", "final": "BOOLEAN",
@@ -121,7 +79,7 @@ func TestParquetReadByDuckDB(t *testing.T) {
 	if !reflect.DeepEqual(types, wantTypes) {
 		t.Errorf("DuckDB column types %v\nwant %v", types, wantTypes)
 	}
-	cols := querySQL(t, dir, "SELECT string_agg(column_name, ',') AS c FROM (DESCRIBE SELECT * FROM "+from+")")
+	cols := duckdbtest.Query(t, dir, "SELECT string_agg(column_name, ',') AS c FROM (DESCRIBE SELECT * FROM "+from+")")
 	if cols[0]["c"] != "id,code,value,n,final,issued,effective,notes,subject" {
 		t.Errorf("column order: %v", cols[0]["c"])
 	}
@@ -129,7 +87,7 @@ func TestParquetReadByDuckDB(t *testing.T) {
 	// The same rows as the JSON output (DuckDB's JSON of each value normalised).
 	var want []map[string]any
 	json.Unmarshal(js.Bytes(), &want)
-	got := querySQL(t, dir, "SELECT id, code, value, n, final, epoch_ms(issued) AS issued, effective, notes, subject FROM "+from+" ORDER BY id")
+	got := duckdbtest.Query(t, dir, "SELECT id, code, value, n, final, epoch_ms(issued) AS issued, effective, notes, subject FROM "+from+" ORDER BY id")
 	if len(got) != len(want) {
 		t.Fatalf("%d rows from Parquet, %d from JSON", len(got), len(want))
 	}
@@ -161,12 +119,12 @@ func TestParquetReadByDuckDB(t *testing.T) {
 	}
 
 	// Typed queries give the JSON output's answers.
-	perCode := querySQL(t, dir, "SELECT code, count(*) AS n, sum(value) AS total FROM "+from+" GROUP BY code ORDER BY code")
+	perCode := duckdbtest.Query(t, dir, "SELECT code, count(*) AS n, sum(value) AS total FROM "+from+" GROUP BY code ORDER BY code")
 	if len(perCode) != 2 || perCode[0]["code"] != "2339-0" || perCode[1]["code"] != "8867-4" ||
 		perCode[1]["total"] != 132.5 || perCode[0]["total"] != nil {
 		t.Errorf("per code: %v", perCode)
 	}
-	if r := querySQL(t, dir, "SELECT count(*) FILTER (WHERE final) AS f, max(year(issued)) AS y FROM "+from); r[0]["f"] != "2" && r[0]["f"] != float64(2) || r[0]["y"] != float64(2024) && r[0]["y"] != "2024" {
+	if r := duckdbtest.Query(t, dir, "SELECT count(*) FILTER (WHERE final) AS f, max(year(issued)) AS y FROM "+from); r[0]["f"] != "2" && r[0]["f"] != float64(2) || r[0]["y"] != float64(2024) && r[0]["y"] != "2024" {
 		t.Errorf("typed aggregates: %v", r)
 	}
 }

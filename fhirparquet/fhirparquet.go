@@ -1,0 +1,299 @@
+// Package fhirparquet is Kiln's Parquet encoding of FHIR R4 resources: one
+// file per resource type whose schema is derived from the R4 definitions
+// (package fhir), written with parquet-go.
+//
+// The encoding, element by element:
+//
+//   - a primitive is an optional leaf: boolean as BOOLEAN; integer,
+//     positiveInt and unsignedInt as INT64; decimal as DOUBLE (a decimal
+//     choice, value[x], too: R4's JSON Schema does not tell integer from
+//     decimal there); every other primitive (string, code, uri, date,
+//     dateTime, instant, time, base64Binary, xhtml, …) as UTF-8 text, since
+//     FHIR dates may be partial ("1970-06");
+//   - a complex element is an optional group of its own elements, in the
+//     definition's order;
+//   - a repeating element (max *) is a LIST of its element;
+//   - a choice element is one field per type, as in JSON (valueQuantity,
+//     valueString, …);
+//   - extension, modifierExtension and contained are LISTs of each item's
+//     JSON text (their shapes are open-ended), and so is an element whose
+//     type already encloses it (Identifier.assigner within a Reference, say)
+//     or that lies deeper than MaxDepth groups: JSON text, not lost;
+//   - the _element twins of primitives (their id and extensions) are not
+//     encoded.
+package fhirparquet
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"reflect"
+	"slices"
+	"strconv"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/parquet-go/parquet-go"
+	"github.com/parquet-go/parquet-go/compress/zstd"
+)
+
+// MaxDepth is the deepest group nesting; elements below it are JSON text.
+const MaxDepth = 4
+
+// rowGroupBytes bounds the JSON held in one row group before it is flushed:
+// parquet-go keeps a row group in memory until then.
+const rowGroupBytes = 16 << 20
+
+type kind int
+
+const (
+	kText kind = iota
+	kBool
+	kInt
+	kFloat
+	kJSON
+	kGroup
+)
+
+// node is how one element's value goes into its Go field.
+type node struct {
+	kind   kind
+	array  bool
+	typ    reflect.Type // the field's type (pointer or slice)
+	fields []field      // kGroup
+	group  reflect.Type // kGroup: the struct
+}
+
+type field struct {
+	name  string // the JSON name
+	index int
+	node  *node
+}
+
+var leaf = map[kind]reflect.Type{
+	kText: reflect.TypeFor[string](), kBool: reflect.TypeFor[bool](), kInt: reflect.TypeFor[int64](),
+	kFloat: reflect.TypeFor[float64](), kJSON: reflect.TypeFor[string](),
+}
+
+// primitive is the leaf kind of an R4 primitive, or false for a complex type.
+func primitive(d *fhir.Definitions, t string) (kind, bool) {
+	switch t {
+	case "boolean":
+		return kBool, true
+	case "integer", "positiveInt", "unsignedInt":
+		return kInt, true
+	case "decimal", "number":
+		return kFloat, true
+	case "string", "xhtml":
+		return kText, true
+	}
+	if _, ok := d.Primitives[t]; ok {
+		return kText, true
+	}
+	return 0, false
+}
+
+// build makes the group node of type name.
+func build(d *fhir.Definitions, name string, enclosing []string) (*node, error) {
+	td := d.Types[name]
+	if td == nil {
+		return nil, kiln.Invalid("_outputFormat", "%s has no definition to derive a Parquet schema from", name)
+	}
+	n := &node{kind: kGroup}
+	var sf []reflect.StructField
+	for _, p := range td.Props {
+		if len(p.Name) > 0 && p.Name[0] == '_' {
+			continue
+		}
+		var c *node
+		if k, ok := primitive(d, p.Type); ok {
+			c = &node{kind: k}
+		} else if p.Type == "Extension" || p.Type == "ResourceList" || slices.Contains(enclosing, p.Type) || len(enclosing) >= MaxDepth {
+			c = &node{kind: kJSON}
+		} else {
+			var err error
+			if c, err = build(d, p.Type, append(slices.Clip(enclosing), name)); err != nil {
+				return nil, err
+			}
+		}
+		c.array = p.Array
+		elem := leaf[c.kind]
+		if c.kind == kGroup {
+			elem = c.group
+		}
+		tag := p.Name
+		if c.array {
+			c.typ = reflect.SliceOf(elem)
+			tag += ",list"
+		} else {
+			c.typ = reflect.PointerTo(elem)
+			tag += ",optional"
+		}
+		n.fields = append(n.fields, field{name: p.Name, index: len(sf), node: c})
+		sf = append(sf, reflect.StructField{Name: "F" + strconv.Itoa(len(sf)), Type: c.typ, Tag: reflect.StructTag(`parquet:"` + tag + `"`)})
+	}
+	n.group = reflect.StructOf(sf)
+	return n, nil
+}
+
+// Writer writes resources of one type as one Parquet file.
+type Writer struct {
+	typ     string
+	root    *node
+	schema  *parquet.Schema
+	w       *parquet.Writer
+	pending int
+	// batch holds rows until writeBatch: parquet-go's cost per call is per
+	// column, and a resource type has hundreds.
+	batch []parquet.Row
+}
+
+// batchRows is how many rows go to parquet-go at once.
+const batchRows = 256
+
+// NewWriter starts a Parquet file of resources of type typ on out.
+func NewWriter(out io.Writer, typ string) (*Writer, error) {
+	d := fhir.R4()
+	if !d.IsResourceType(typ) {
+		return nil, kiln.Invalid("_type", "%q is not an R4 resource type", typ)
+	}
+	root, err := build(d, typ, nil)
+	if err != nil {
+		return nil, err
+	}
+	schema := parquet.SchemaOf(reflect.New(root.group).Interface())
+	pw := parquet.NewWriter(out, schema, parquet.Compression(&zstd.Codec{}), parquet.PageBufferSize(32<<10))
+	return &Writer{typ: typ, root: root, schema: schema, w: pw}, nil
+}
+
+// Columns is the number of leaf columns of the file's schema.
+func (w *Writer) Columns() int { return len(w.w.Schema().Columns()) }
+
+// Write adds one stored resource (its JSON).
+func (w *Writer) Write(body []byte) error {
+	m, err := fhir.DecodeJSON(body)
+	if err != nil {
+		return fmt.Errorf("decode stored resource: %w", err)
+	}
+	v := reflect.New(w.root.group)
+	if err := fill(w.root, v.Elem(), m); err != nil {
+		id, _ := m["id"].(string)
+		return fmt.Errorf("encode %s/%s as Parquet: %w", w.typ, id, err)
+	}
+	w.batch = append(w.batch, w.schema.Deconstruct(nil, v.Interface()))
+	if len(w.batch) >= batchRows {
+		if err := w.writeBatch(); err != nil {
+			return err
+		}
+	}
+	if w.pending += len(body); w.pending >= rowGroupBytes {
+		w.pending = 0
+		if err := w.writeBatch(); err != nil {
+			return err
+		}
+		if err := w.w.Flush(); err != nil {
+			return fmt.Errorf("flush Parquet row group: %w", err)
+		}
+	}
+	return nil
+}
+
+func (w *Writer) writeBatch() error {
+	if len(w.batch) == 0 {
+		return nil
+	}
+	if _, err := w.w.WriteRows(w.batch); err != nil {
+		return fmt.Errorf("write Parquet rows: %w", err)
+	}
+	w.batch = w.batch[:0]
+	return nil
+}
+
+// Close ends the file (its footer).
+func (w *Writer) Close() error {
+	if err := w.writeBatch(); err != nil {
+		w.w.Close()
+		return err
+	}
+	return w.w.Close()
+}
+
+// fill sets the fields of group value s from the JSON object m.
+func fill(n *node, s reflect.Value, m map[string]any) error {
+	for _, f := range n.fields {
+		x, ok := m[f.name]
+		if !ok || x == nil {
+			continue
+		}
+		fv := s.Field(f.index)
+		if f.node.array {
+			items, ok := x.([]any)
+			if !ok {
+				items = []any{x}
+			}
+			sl := reflect.MakeSlice(f.node.typ, len(items), len(items))
+			for i, it := range items {
+				if err := set(f.node, sl.Index(i), it); err != nil {
+					return fmt.Errorf("%s: %w", f.name, err)
+				}
+			}
+			fv.Set(sl)
+			continue
+		}
+		p := reflect.New(f.node.typ.Elem())
+		if err := set(f.node, p.Elem(), x); err != nil {
+			return fmt.Errorf("%s: %w", f.name, err)
+		}
+		fv.Set(p)
+	}
+	return nil
+}
+
+// set puts one JSON value into v (the element's Go value, not its pointer).
+func set(n *node, v reflect.Value, x any) error {
+	switch n.kind {
+	case kGroup:
+		m, ok := x.(map[string]any)
+		if !ok {
+			return fmt.Errorf("%v is not an object", x)
+		}
+		return fill(n, v, m)
+	case kJSON:
+		b, err := json.Marshal(x)
+		if err != nil {
+			return err
+		}
+		v.SetString(string(b))
+	case kText:
+		s, ok := x.(string)
+		if !ok {
+			return fmt.Errorf("%v is not text", x)
+		}
+		v.SetString(s)
+	case kBool:
+		b, ok := x.(bool)
+		if !ok {
+			return fmt.Errorf("%v is not a boolean", x)
+		}
+		v.SetBool(b)
+	case kInt, kFloat:
+		num, ok := x.(json.Number)
+		if !ok {
+			return fmt.Errorf("%v is not a number", x)
+		}
+		if n.kind == kInt {
+			i, err := num.Int64()
+			if err != nil {
+				return err
+			}
+			v.SetInt(i)
+			return nil
+		}
+		f, err := num.Float64()
+		if err != nil {
+			return err
+		}
+		v.SetFloat(f)
+	}
+	return nil
+}

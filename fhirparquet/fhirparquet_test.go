@@ -1,0 +1,128 @@
+package fhirparquet
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/parquet-go/parquet-go"
+)
+
+// TestSchema: the encoding the package comment describes, as seen in the
+// schema of a Patient file.
+func TestSchema(t *testing.T) {
+	w, err := NewWriter(&bytes.Buffer{}, "Patient")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaves := map[string]parquet.Type{}
+	for _, path := range w.w.Schema().Columns() {
+		leaf, _ := w.w.Schema().Lookup(path...)
+		leaves[strings.Join(path, ".")] = leaf.Node.Type()
+	}
+	for path, kind := range map[string]parquet.Kind{
+		"id":                                   parquet.ByteArray,
+		"active":                               parquet.Boolean,
+		"birthDate":                            parquet.ByteArray, // partial dates stay text
+		"multipleBirthInteger":                 parquet.Double,    // a choice: integer or decimal
+		"name.list.element.given.list.element": parquet.ByteArray, // repeated in repeated
+		"extension.list.element":               parquet.ByteArray, // JSON text
+		"contained.list.element":               parquet.ByteArray, // JSON text
+		// A Reference inside an Identifier inside a Reference: JSON text.
+		"managingOrganization.identifier.assigner":     parquet.ByteArray,
+		"managingOrganization.identifier.period.start": parquet.ByteArray,
+		"communication.list.element.language.text":     parquet.ByteArray,
+		"photo.list.element.size":                      parquet.Int64, // unsignedInt
+		"contact.list.element.name.period.start":       parquet.ByteArray,
+		"link.list.element.other.identifier.type.text": parquet.ByteArray,
+		"identifier.list.element.assigner.identifier":  parquet.ByteArray, // below MaxDepth or enclosing: JSON
+	} {
+		got, ok := leaves[path]
+		if !ok {
+			t.Errorf("no column %s", path)
+			continue
+		}
+		if got.Kind() != kind {
+			t.Errorf("%s: %v, want %v", path, got.Kind(), kind)
+		}
+	}
+	for path := range leaves {
+		if strings.Contains(path, "_") && !strings.HasPrefix(path, "_") && strings.Contains("."+path, "._") {
+			t.Errorf("a primitive's _element twin is encoded: %s", path)
+		}
+	}
+	if _, err := NewWriter(&bytes.Buffer{}, "Frobnitz"); err == nil {
+		t.Error("a writer for a type R4 does not have")
+	}
+}
+
+// TestRowGroupsBoundedByBytes: the writer flushes a row group once it holds
+// rowGroupBytes of input, so a file's memory does not grow with its rows.
+func TestRowGroupsBoundedByBytes(t *testing.T) {
+	var out bytes.Buffer
+	w, err := NewWriter(&out, "Observation")
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := 0
+	for i := 0; in <= rowGroupBytes; i++ {
+		b := []byte(fmt.Sprintf(`{"resourceType":"Observation","id":"o%d","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}],"text":%q},"valueQuantity":{"value":%d.5}}`, i, strings.Repeat("x", 500), i))
+		if err := w.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		in += len(b)
+	}
+	if out.Len() == 0 {
+		t.Fatalf("%d bytes of resources written and no row group flushed", in)
+	}
+	if err := w.Write([]byte(`{"resourceType":"Observation","id":"last","status":"final","code":{"text":"x"}}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := parquet.OpenFile(bytes.NewReader(out.Bytes()), int64(out.Len()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(f.RowGroups()); n < 2 {
+		t.Errorf("%d row groups", n)
+	}
+}
+
+// TestValuesOfTheWrongShape: a value that does not fit its column (stored
+// data that bypassed validation) is an error naming the resource, not a
+// panic or a silent null.
+func TestValuesOfTheWrongShape(t *testing.T) {
+	w, err := NewWriter(&bytes.Buffer{}, "Patient")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, body := range []string{
+		`{"resourceType":"Patient","id":"p","active":"yes"}`,
+		`{"resourceType":"Patient","id":"p","name":[{"given":[1]}]}`,
+		`{"resourceType":"Patient","id":"p","photo":[{"size":1.5}]}`,
+		`{"resourceType":"Patient","id":"p","maritalStatus":"M"}`,
+	} {
+		if err := w.Write([]byte(body)); err == nil || !strings.Contains(err.Error(), "Patient/p") {
+			t.Errorf("%s: %v", body, err)
+		}
+	}
+}
+
+// BenchmarkWrite is the Parquet encoding's cost per resource.
+func BenchmarkWrite(b *testing.B) {
+	body := []byte(`{"resourceType":"Observation","id":"o1","meta":{"lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}],"text":"Heart rate"},"subject":{"reference":"Patient/p1"},"encounter":{"reference":"Encounter/e1"},"effectiveDateTime":"2024-01-01T00:00:00Z","issued":"2024-01-01T00:00:00.000Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}`)
+	w, err := NewWriter(&bytes.Buffer{}, "Observation")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		if err := w.Write(body); err != nil {
+			b.Fatal(err)
+		}
+	}
+	w.Close()
+}
