@@ -146,10 +146,11 @@ type Writer struct {
 	// batch holds rows until writeBatch: parquet-go's cost per call is per
 	// column, and a resource type has hundreds.
 	batch []parquet.Row
+	n     int // rows of batch in use; the rest keep their memory for reuse
 }
 
 // batchRows is how many rows go to parquet-go at once.
-const batchRows = 256
+const batchRows = 64
 
 // NewWriter starts a Parquet file of resources of type typ on out.
 func NewWriter(out io.Writer, typ string) (*Writer, error) {
@@ -180,8 +181,11 @@ func (w *Writer) Write(body []byte) error {
 		id, _ := m["id"].(string)
 		return fmt.Errorf("encode %s/%s as Parquet: %w", w.typ, id, err)
 	}
-	w.batch = append(w.batch, w.schema.Deconstruct(nil, v.Interface()))
-	if len(w.batch) >= batchRows {
+	if w.n == len(w.batch) {
+		w.batch = append(w.batch, nil)
+	}
+	w.batch[w.n] = w.schema.Deconstruct(w.batch[w.n][:0], v.Interface())
+	if w.n++; w.n >= batchRows {
 		if err := w.writeBatch(); err != nil {
 			return err
 		}
@@ -199,13 +203,13 @@ func (w *Writer) Write(body []byte) error {
 }
 
 func (w *Writer) writeBatch() error {
-	if len(w.batch) == 0 {
+	if w.n == 0 {
 		return nil
 	}
-	if _, err := w.w.WriteRows(w.batch); err != nil {
+	if _, err := w.w.WriteRows(w.batch[:w.n]); err != nil {
 		return fmt.Errorf("write Parquet rows: %w", err)
 	}
-	w.batch = w.batch[:0]
+	w.n = 0
 	return nil
 }
 

@@ -196,7 +196,88 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		row(e.name, n, b, time.Since(start), to)
 	}
+
+	// Analytics output: the same system export as Parquet (counted from the
+	// manifest), and a view of every Observation (one row each).
+	runtime.GC()
+	resetPeakRSS()
+	start = time.Now()
+	n, b, err := benchExport(ctx, base+"/$export?_outputFormat=parquet")
+	if err != nil {
+		return fmt.Errorf("parquet export: %w", err)
+	}
+	row("parquet export", n, b, time.Since(start), limits.scan)
+	runtime.GC()
+	resetPeakRSS()
+	start = time.Now()
+	if n, b, err = benchViewExport(ctx, base, benchView); err != nil {
+		return fmt.Errorf("view export: %w", err)
+	}
+	row("view export", n, b, time.Since(start), limit{})
 	return nil
+}
+
+// benchView is the view of the view export phase: a row per Observation.
+const benchView = `{"resourceType":"ViewDefinition","name":"observations","resource":"Observation","select":[{"column":[
+ {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
+ {"name":"code","path":"code.coding.first().code"},{"name":"value","path":"value.ofType(Quantity).value","type":"decimal"},
+ {"name":"effective","path":"effective.ofType(dateTime)","type":"dateTime"}]}]}`
+
+// benchViewExport runs a $viewdefinition-export of view as NDJSON and
+// downloads every file, counting rows (lines) and bytes.
+func benchViewExport(ctx context.Context, base, view string) (int64, int64, error) {
+	body := `{"resourceType":"Parameters","parameter":[{"name":"view","part":[{"name":"viewResource","resource":` + view + `}]}]}`
+	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/$viewdefinition-export", strings.NewReader(body))
+	req.Header.Set("Prefer", "respond-async")
+	req.Header.Set("Content-Type", "application/fhir+json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, 0, err
+	}
+	res.Body.Close()
+	if res.StatusCode != 202 {
+		return 0, 0, fmt.Errorf("kick-off: %s", res.Status)
+	}
+	loc := res.Header.Get("Content-Location")
+	var st struct {
+		Parameter []struct {
+			Name string
+			Part []struct {
+				Name     string
+				ValueURI string `json:"valueUri"`
+			}
+		}
+	}
+	for {
+		req, _ := http.NewRequestWithContext(ctx, "GET", loc, nil)
+		req.Header.Set("Prefer", "wait=30")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, 0, err
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode == 200 {
+			if err := json.Unmarshal(b, &st); err != nil {
+				return 0, 0, err
+			}
+			break
+		}
+		if res.StatusCode != 202 || bytes.Contains(b, []byte(`"failed"`)) {
+			return 0, 0, fmt.Errorf("status: %s %s", res.Status, b)
+		}
+	}
+	var urls []string
+	for _, p := range st.Parameter {
+		for _, part := range p.Part {
+			if p.Name == "output" && part.Name == "location" {
+				urls = append(urls, part.ValueURI)
+			}
+		}
+	}
+	lines, size, err := download(urls, true)
+	remove(ctx, loc)
+	return lines, size, err
 }
 
 // benchExport kicks off, polls and downloads every file, counting lines and bytes.
@@ -213,7 +294,10 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 	}
 	loc := res.Header.Get("Content-Location")
 	var m struct {
-		Output []struct{ URL string }
+		Output []struct {
+			URL   string
+			Count int64
+		}
 	}
 	for {
 		// Prefer: wait holds the poll until the export ends, so the
@@ -237,17 +321,37 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 		}
 		break
 	}
+	var urls []string
+	var count int64
+	for _, o := range m.Output {
+		urls = append(urls, o.URL)
+		count += o.Count
+	}
+	// Parquet files have no lines: their resources are the manifest's counts.
+	parquet := strings.Contains(url, "_outputFormat=parquet")
+	lines, size, err := download(urls, !parquet)
+	if parquet {
+		lines = count
+	}
+	remove(ctx, loc)
+	return lines, size, err
+}
+
+// download reads every file, counting bytes and, if asked, lines.
+func download(urls []string, countLines bool) (int64, int64, error) {
 	var lines, size int64
 	buf := make([]byte, 256<<10)
-	for _, o := range m.Output {
-		res, err := http.Get(o.URL)
+	for _, u := range urls {
+		res, err := http.Get(u)
 		if err != nil {
 			return 0, 0, err
 		}
 		for {
 			n, err := res.Body.Read(buf)
 			size += int64(n)
-			lines += int64(bytes.Count(buf[:n], []byte{'\n'}))
+			if countLines {
+				lines += int64(bytes.Count(buf[:n], []byte{'\n'}))
+			}
 			if err == io.EOF {
 				break
 			}
@@ -258,12 +362,15 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 		}
 		res.Body.Close()
 	}
-	// Clean up so later phases start from the same disk state.
-	req, _ = http.NewRequestWithContext(ctx, "DELETE", loc, nil)
+	return lines, size, nil
+}
+
+// remove deletes an export, so later phases start from the same disk state.
+func remove(ctx context.Context, loc string) {
+	req, _ := http.NewRequestWithContext(ctx, "DELETE", loc, nil)
 	if res, err := http.DefaultClient.Do(req); err == nil {
 		res.Body.Close()
 	}
-	return lines, size, nil
 }
 
 // peakRSS is the process's peak resident set in MB since the last reset (Linux).
