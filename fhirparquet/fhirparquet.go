@@ -301,3 +301,49 @@ func set(n *node, v reflect.Value, x any) error {
 	}
 	return nil
 }
+
+// key is the part of a resource ReadKeys reads.
+type key struct {
+	ResourceType *string `parquet:"resourceType,optional"`
+	ID           *string `parquet:"id,optional"`
+}
+
+// ReadKeys reads a Parquet file of resources back: it calls fn with each
+// row's resourceType and id, in order, and returns the number of rows. A
+// file that is not Parquet, or is cut short, is an error.
+func ReadKeys(f io.ReaderAt, size int64, fn func(resourceType, id string) error) (int64, error) {
+	pf, err := parquet.OpenFile(f, size)
+	if err != nil {
+		return 0, fmt.Errorf("not a whole Parquet file: %w", err)
+	}
+	r := parquet.NewGenericReader[key](pf)
+	defer r.Close()
+	buf := make([]key, 512)
+	var n int64
+	for {
+		k, err := r.Read(buf)
+		for _, row := range buf[:k] {
+			var typ, id string
+			if row.ResourceType != nil {
+				typ = *row.ResourceType
+			}
+			if row.ID != nil {
+				id = *row.ID
+			}
+			if err := fn(typ, id); err != nil {
+				return n, err
+			}
+			n++
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return n, fmt.Errorf("read Parquet rows: %w", err)
+		}
+	}
+	if n != pf.NumRows() {
+		return n, fmt.Errorf("read %d rows of the %d the file holds", n, pf.NumRows())
+	}
+	return n, nil
+}

@@ -126,3 +126,35 @@ func BenchmarkWrite(b *testing.B) {
 	}
 	w.Close()
 }
+
+// TestReadKeys: a file written here reads back row by row; a cut file is an error.
+func TestReadKeys(t *testing.T) {
+	var out bytes.Buffer
+	w, err := NewWriter(&out, "Patient")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for i := range 1000 {
+		id := fmt.Sprintf("p%d", i)
+		want = append(want, "Patient/"+id)
+		if err := w.Write([]byte(`{"resourceType":"Patient","id":"` + id + `","gender":"female"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	n, err := ReadKeys(bytes.NewReader(out.Bytes()), int64(out.Len()), func(typ, id string) error {
+		got = append(got, typ+"/"+id)
+		return nil
+	})
+	if err != nil || n != 1000 || strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("read back %d rows, %v: %.80v", n, err, got)
+	}
+	cut := out.Bytes()[:out.Len()-10]
+	if _, err := ReadKeys(bytes.NewReader(cut), int64(len(cut)), func(string, string) error { return nil }); err == nil {
+		t.Error("a cut file read back without an error")
+	}
+}

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/kiln-fhir/kiln/fhirparquet"
 )
 
 // Kind says which list of the manifest a file came from.
@@ -127,7 +129,11 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 		for _, f := range files {
 			key := string(kind) + "/" + f.Type
 			seq[key]++
-			name := fmt.Sprintf("%s.%s.%03d.ndjson", f.Type, st.RunID, seq[key])
+			ext := "ndjson"
+			if st.Request.Format == FormatParquet {
+				ext = "parquet"
+			}
+			name := fmt.Sprintf("%s.%s.%03d.%s", f.Type, st.RunID, seq[key], ext)
 			if kind != KindOutput {
 				name = fmt.Sprintf("%s.%s.%03d.ndjson", kind, st.RunID, seq[key])
 			}
@@ -337,6 +343,9 @@ func verify(path string, f File, kind Kind) (checked, error) {
 	if kind == KindDeleted && want == "" {
 		want = "Bundle"
 	}
+	if strings.HasSuffix(got.name, ".parquet") {
+		return verifyParquet(fh, got, f, want)
+	}
 	h := sha256.New()
 	cr := &countingReader{r: io.TeeReader(fh, h)}
 	sc := bufio.NewScanner(cr)
@@ -392,6 +401,45 @@ func verify(path string, f File, kind Kind) (checked, error) {
 		return checked{}, fmt.Errorf("%d lines, the manifest says %d (truncated file?)", got.lines, *f.Count)
 	}
 	got.bytes, got.sha256 = cr.n, hex.EncodeToString(h.Sum(nil))
+	return got, nil
+}
+
+// verifyParquet checks a Parquet resource file as verify does an NDJSON
+// one: it is a whole Parquet file, every row has the manifest's
+// resourceType and an id, and the row count is the manifest's count.
+func verifyParquet(fh *os.File, got checked, f File, want string) (checked, error) {
+	if got.kind != KindOutput {
+		return checked{}, fmt.Errorf("a %s file in Parquet", got.kind)
+	}
+	fi, err := fh.Stat()
+	if err != nil {
+		return checked{}, err
+	}
+	rows, err := fhirparquet.ReadKeys(fh, fi.Size(), func(typ, id string) error {
+		if want != "" && typ != want {
+			return fmt.Errorf("row %d is a %s in a %s file", len(got.keys)+1, typ, want)
+		}
+		if id == "" {
+			return fmt.Errorf("row %d: a %s without an id", len(got.keys)+1, typ)
+		}
+		got.keys = append(got.keys, typ+"/"+id)
+		return nil
+	})
+	if err != nil {
+		return checked{}, err
+	}
+	if f.Count != nil && int64(*f.Count) != rows {
+		return checked{}, fmt.Errorf("%d rows, the manifest says %d", rows, *f.Count)
+	}
+	h := sha256.New()
+	if _, err := fh.Seek(0, io.SeekStart); err != nil {
+		return checked{}, err
+	}
+	n, err := io.Copy(h, fh)
+	if err != nil {
+		return checked{}, err
+	}
+	got.lines, got.bytes, got.sha256 = rows, n, hex.EncodeToString(h.Sum(nil))
 	return got, nil
 }
 

@@ -156,11 +156,10 @@ func (c *Client) listFolder(files []checked, changed map[string]LocalFile) ([]Lo
 	for _, f := range files {
 		run[f.name] = f
 	}
-	paths, err := filepath.Glob(filepath.Join(c.opt.Out, "*.ndjson"))
+	paths, err := dataFiles(c.opt.Out)
 	if err != nil {
 		return nil, err
 	}
-	sort.Strings(paths)
 	var out []LocalFile
 	for _, p := range paths {
 		fi, err := os.Stat(p)
@@ -184,6 +183,20 @@ func (c *Client) listFolder(files []checked, changed map[string]LocalFile) ([]Lo
 		out = append(out, got.local(fi.ModTime()))
 	}
 	return out, nil
+}
+
+// dataFiles lists the folder's data files (NDJSON and Parquet), sorted.
+func dataFiles(dir string) ([]string, error) {
+	var paths []string
+	for _, pat := range []string{"*.ndjson", "*.parquet"} {
+		p, err := filepath.Glob(filepath.Join(dir, pat))
+		if err != nil {
+			return nil, err
+		}
+		paths = append(paths, p...)
+	}
+	sort.Strings(paths)
+	return paths, nil
 }
 
 // kindOf reads a file's kind and type from its name (TYPE.RUN.NNN.ndjson,
@@ -365,7 +378,7 @@ func VerifyFolder(dir string) (files int, resources int64, problems []string, er
 			}
 		}
 	}
-	paths, _ := filepath.Glob(filepath.Join(dir, "*.ndjson"))
+	paths, _ := dataFiles(dir)
 	for _, p := range paths {
 		if !listed[filepath.Base(p)] {
 			problems = append(problems, filepath.Base(p)+": not in manifest.json")

@@ -39,6 +39,7 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	since := fs.String("since", "", "_since (FHIR instant or date)")
 	until := fs.String("until", "", "_until")
 	elements := fs.String("elements", "", "comma-separated _elements")
+	format := fs.String("format", "ndjson", "resource files: ndjson, or parquet (_outputFormat=application/vnd.apache.parquet; not with --since-last)")
 	var typeFilters, patients listFlag
 	fs.Var(&typeFilters, "type-filter", "a _typeFilter, e.g. 'Observation?category=laboratory' (repeatable)")
 	fs.Var(&patients, "patient", "a patient id or Patient/id (repeatable; sent in a POST Parameters body)")
@@ -143,6 +144,13 @@ func cmdPull(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		req := pull.Request{Server: *server, Level: "system", Types: splitList(*types), Since: *since, Until: *until,
 			TypeFilters: typeFilters, Elements: splitList(*elements), Patients: patients, Lenient: *lenient,
 			Post: *post, IncludeAssociatedData: splitList(*assoc)}
+		switch *format {
+		case "ndjson":
+		case "parquet":
+			req.Format = pull.FormatParquet
+		default:
+			return fmt.Errorf("--format %q: use ndjson or parquet", *format)
+		}
 		switch {
 		case *group != "":
 			req.Level, req.GroupID = "group", *group
