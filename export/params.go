@@ -40,6 +40,9 @@ type KickOff struct {
 	Body        []byte
 	Prefer      string
 	Accept      string
+	// ResolveView reads a $viewdefinition-export viewReference for the
+	// caller (nil: references are refused); at names the parameter.
+	ResolveView func(ref, at string) (map[string]any, error)
 }
 
 // Lenient reports whether the client sent Prefer: handling=lenient.

@@ -60,7 +60,7 @@ func ParseViewKickOff(k KickOff) (*kiln.ExportRequest, error) {
 			if len(req.Views) == maxViews {
 				return nil, kiln.Invalid(at, "at most %d views in one export", maxViews)
 			}
-			v, err := viewParam(pm, at, len(req.Views))
+			v, err := viewParam(pm, at, len(req.Views), k.ResolveView)
 			if err != nil {
 				return nil, err
 			}
@@ -135,12 +135,12 @@ func ParseViewKickOff(k KickOff) (*kiln.ExportRequest, error) {
 }
 
 // viewParam reads one view parameter: its name and inline viewResource.
-func viewParam(pm map[string]any, at string, n int) (kiln.ViewExport, error) {
+func viewParam(pm map[string]any, at string, n int, resolve func(ref, at string) (map[string]any, error)) (kiln.ViewExport, error) {
 	var out kiln.ViewExport
 	var def map[string]any
 	parts, _ := pm["part"].([]any)
 	if len(parts) == 0 {
-		return out, kiln.Invalid(at, "a view parameter needs parts: viewResource, and optionally name")
+		return out, kiln.Invalid(at, "a view parameter needs parts: viewResource or viewReference, and optionally name")
 	}
 	for j, raw := range parts {
 		pat := fmt.Sprintf("%s.part[%d]", at, j)
@@ -157,15 +157,30 @@ func viewParam(pm map[string]any, at string, n int) (kiln.ViewExport, error) {
 			if !ok {
 				return out, kiln.Invalid(pat+".resource", "viewResource must carry the ViewDefinition in resource")
 			}
+			if def != nil {
+				return out, kiln.Invalid(pat, "send one view per view parameter: viewResource or viewReference")
+			}
 			def = res
 		case "viewReference":
-			return out, kiln.Invalid(pat, "viewReference is not supported: Kiln does not store ViewDefinitions; send the view inline as viewResource")
+			ref, _ := part["valueReference"].(map[string]any)
+			s, _ := ref["reference"].(string)
+			if def != nil {
+				return out, kiln.Invalid(pat, "send one view per view parameter: viewResource or viewReference")
+			}
+			if resolve == nil {
+				return out, kiln.Invalid(pat, "viewReference is not supported here")
+			}
+			res, err := resolve(s, pat)
+			if err != nil {
+				return out, err
+			}
+			def = res
 		default:
 			return out, kiln.Invalid(pat+".name", "%q is not a part of a view parameter", name)
 		}
 	}
 	if def == nil {
-		return out, kiln.Invalid(at, "a view parameter needs a viewResource part")
+		return out, kiln.Invalid(at, "a view parameter needs a viewResource or viewReference part")
 	}
 	v, err := view.Compile(def)
 	if err != nil {

@@ -86,10 +86,10 @@ func (s *Server) capRest(r *http.Request) map[string]any {
 		"resource":    capResources(),
 		// SQL on FHIR's operations, at system level (R4 has no ViewDefinition
 		// type to list them under); they also answer under /ViewDefinition/.
-		// Views are inline (viewResource): Kiln does not store them.
 		"operation": []capOperation{{"export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"},
 			{"viewdefinition-run", "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-run"},
 			{"viewdefinition-export", "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-export"}},
+		"documentation": "ViewDefinition (SQL on FHIR v2) is not an R4 resource type: Kiln stores views as that specification's logical model at [base]/ViewDefinition (create, read, update, delete, list; no history or search), apart from the R4 resources, and resolves viewReference values of the form ViewDefinition/[id] to them in $viewdefinition-run and $viewdefinition-export.",
 	}
 	if s.cfg.Verifier == nil {
 		return rest

@@ -81,6 +81,7 @@ type Config struct {
 // Store is what the REST API needs.
 type Store interface {
 	kiln.ResourceStore
+	kiln.ViewStore
 }
 
 // Server is the HTTP handler.
@@ -204,6 +205,11 @@ func (s *Server) routes() {
 	h("DELETE "+b+"/$export/{job}", s.exportCancel)
 	h("GET "+b+"/$export/{job}/file/{name}", s.exportFile)
 
+	h("GET "+b+"/ViewDefinition", s.listViews)
+	h("POST "+b+"/ViewDefinition", s.putView)
+	h("GET "+b+"/ViewDefinition/{id}", s.getView)
+	h("PUT "+b+"/ViewDefinition/{id}", s.putView)
+	h("DELETE "+b+"/ViewDefinition/{id}", s.deleteView)
 	h("POST "+b+"/ViewDefinition/$viewdefinition-run", s.viewRun)
 	h("POST "+b+"/$viewdefinition-run", s.viewRun)
 	h("POST "+b+"/ViewDefinition/$viewdefinition-export", s.viewExport)

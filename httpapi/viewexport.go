@@ -31,6 +31,7 @@ func (s *Server) viewExport(w http.ResponseWriter, r *http.Request) {
 		ContentType: r.Header.Get("Content-Type"),
 		Body:        body,
 		Prefer:      strings.Join(r.Header.Values("Prefer"), ","),
+		ResolveView: func(ref, at string) (map[string]any, error) { return s.readView(r, principal(r), ref, at) },
 	}
 	job, ok := s.startExport(w, r, func(p *auth.Principal) (*kiln.ExportRequest, error) {
 		req, err := export.ParseViewKickOff(k)

@@ -29,7 +29,7 @@ type viewRunRequest struct {
 
 // parseViewRun reads the Parameters body and the query string (_format,
 // _limit, patient, header may be given in either; the body wins).
-func parseViewRun(r *http.Request, body []byte) (*viewRunRequest, error) {
+func parseViewRun(r *http.Request, body []byte, resolve func(ref, at string) (map[string]any, error)) (*viewRunRequest, error) {
 	req := &viewRunRequest{header: true, format: "json"}
 	q := r.URL.Query()
 	for name := range q {
@@ -77,12 +77,23 @@ func parseViewRun(r *http.Request, body []byte) (*viewRunRequest, error) {
 		switch name {
 		case "viewResource":
 			res, ok := pm["resource"].(map[string]any)
+			if viewDef != nil {
+				return nil, kiln.Invalid(at, "send one view: viewResource or viewReference")
+			}
 			if !ok {
 				return nil, kiln.Invalid(at+".resource", "viewResource must carry the ViewDefinition in resource")
 			}
 			viewDef = res
 		case "viewReference":
-			return nil, kiln.Invalid(at, "viewReference is not supported: Kiln does not store ViewDefinitions; send the view inline as viewResource")
+			ref, _ := pm["valueReference"].(map[string]any)
+			s, _ := ref["reference"].(string)
+			if viewDef != nil {
+				return nil, kiln.Invalid(at, "send one view: viewResource or viewReference")
+			}
+			var err error
+			if viewDef, err = resolve(s, at); err != nil {
+				return nil, err
+			}
 		case "_format", "_limit", "patient", "header":
 			params = append(params, struct {
 				name, at string
@@ -127,7 +138,7 @@ func parseViewRun(r *http.Request, body []byte) (*viewRunRequest, error) {
 		}
 	}
 	if viewDef == nil {
-		return nil, kiln.Invalid("Parameters.parameter", "$viewdefinition-run needs a viewResource parameter")
+		return nil, kiln.Invalid("Parameters.parameter", "$viewdefinition-run needs a viewResource or viewReference parameter")
 	}
 	if req.view, err = view.Compile(viewDef); err != nil {
 		return nil, err
@@ -151,7 +162,7 @@ func (s *Server) viewRun(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	req, err := parseViewRun(r, body)
+	req, err := parseViewRun(r, body, func(ref, at string) (map[string]any, error) { return s.readView(r, principal(r), ref, at) })
 	if err != nil {
 		s.writeError(w, r, err)
 		return

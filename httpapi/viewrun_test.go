@@ -87,7 +87,7 @@ func TestViewRun(t *testing.T) {
 		{"bad path", runParams(`{"resource":"Patient","select":[{"column":[{"name":"x","path":"name.("}]}]}`), "ViewDefinition.select[0].column[0].path"},
 		{"no resource", runParams(`{"select":[{"column":[{"name":"x","path":"id"}]}]}`), "ViewDefinition.resource"},
 		{"not an R4 type", runParams(`{"resource":"Frobnitz","select":[{"column":[{"name":"x","path":"id"}]}]}`), "ViewDefinition.resource"},
-		{"viewReference", []byte(`{"resourceType":"Parameters","parameter":[{"name":"viewReference","valueReference":{"reference":"ViewDefinition/v"}}]}`), "Parameters.parameter[0]"},
+		{"canonical viewReference", []byte(`{"resourceType":"Parameters","parameter":[{"name":"viewReference","valueReference":{"reference":"http://example.org/ViewDefinition/v|1"}}]}`), "Parameters.parameter[0]"},
 		{"no view", []byte(`{"resourceType":"Parameters","parameter":[]}`), "Parameters.parameter"},
 		{"not Parameters", []byte(`{"resourceType":"Patient"}`), "resourceType"},
 		{"bad format", runParams(patientView, `{"name":"_format","valueCode":"xml"}`), "Parameters.parameter[1]"},

@@ -129,6 +129,8 @@ var migrations = []string{
 		patient TEXT NOT NULL, type TEXT NOT NULL, rid BIGINT NOT NULL, since BIGINT NOT NULL, until BIGINT NOT NULL,
 		PRIMARY KEY(patient, type, rid, until));
 	CREATE INDEX compartment_gone_rid ON compartment_gone(rid, patient);`,
+	// Stored ViewDefinitions (SQL on FHIR), not R4 resources.
+	`CREATE TABLE views(id TEXT PRIMARY KEY, version BIGINT NOT NULL, updated BIGINT NOT NULL, body BYTEA NOT NULL);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

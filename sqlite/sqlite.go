@@ -95,6 +95,8 @@ var schema = []string{
 	`CREATE INDEX IF NOT EXISTS job_patients_patient ON job_patients(job, patient)`,
 	`CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
 	`CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, doc BLOB NOT NULL)`,
+	// Stored ViewDefinitions (SQL on FHIR), not R4 resources.
+	`CREATE TABLE IF NOT EXISTS views(id TEXT PRIMARY KEY, version INTEGER NOT NULL, updated INTEGER NOT NULL, body BLOB NOT NULL)`,
 	// Client assertions already used, until they expire (replay protection).
 	`CREATE TABLE IF NOT EXISTS assertions(key TEXT PRIMARY KEY, expires INTEGER NOT NULL)`,
 	`CREATE TABLE IF NOT EXISTS outbox(

@@ -24,6 +24,7 @@ type Store interface {
 	kiln.ExportReader
 	kiln.JobStore
 	kiln.ClientStore
+	kiln.ViewStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
 	// SetClock pins the lastUpdated clock (a nil func is not allowed).
@@ -54,6 +55,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"JobPatientsInOrder", testJobPatients},
 		{"TypesPresentKeepsTombstones", testTypesPresent},
 		{"ClientsStored", testClients},
+		{"ViewsStored", testViews},
 		{"OutboxWithItsChange", testOutbox},
 		{"AssertionsUsedOnce", testAssertions},
 	}
@@ -774,6 +776,41 @@ func testTypesPresent(t *testing.T, s Store) {
 	got, err := s.TypesPresent(ctx)
 	if err != nil || !slices.Equal(got, []string{"Observation", "Patient"}) {
 		t.Fatalf("types present: %v %v", got, err)
+	}
+}
+
+func testViews(t *testing.T, s Store) {
+	ctx := context.Background()
+	t0 := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
+	s.SetClock(func() time.Time { return t0 })
+	if _, err := s.GetView(ctx, "v"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("unknown view: %v", err)
+	}
+	v, err := s.PutView(ctx, "v", []byte(`{"resource":"Patient"}`))
+	if err != nil || v.Version != 1 || !v.Updated.Equal(t0) {
+		t.Fatalf("first put: %+v %v", v, err)
+	}
+	s.SetClock(func() time.Time { return t0.Add(time.Second) })
+	if v, err = s.PutView(ctx, "v", []byte(`{"resource":"Observation"}`)); err != nil || v.Version != 2 || !v.Updated.Equal(t0.Add(time.Second)) {
+		t.Fatalf("second put: %+v %v", v, err)
+	}
+	s.PutView(ctx, "a", []byte(`{"resource":"Condition"}`))
+	got, err := s.GetView(ctx, "v")
+	if err != nil || got.Version != 2 || string(got.Body) != `{"resource":"Observation"}` {
+		t.Fatalf("get: %+v %v", got, err)
+	}
+	all, err := s.Views(ctx)
+	if err != nil || len(all) != 2 || all[0].ID != "a" || all[1].ID != "v" {
+		t.Fatalf("list: %v %v", all, err)
+	}
+	if err := s.DeleteView(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteView(ctx, "v"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("second delete: %v", err)
+	}
+	if _, err := s.GetView(ctx, "v"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
+		t.Fatalf("deleted view: %v", err)
 	}
 }
 

@@ -20,6 +20,7 @@ type backend interface {
 	kiln.ResourceStore
 	kiln.ExportReader
 	kiln.JobStore
+	kiln.ViewStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
 	Ping(context.Context) error

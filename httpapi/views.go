@@ -1,0 +1,226 @@
+package httpapi
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/google/uuid"
+
+	"github.com/kiln-fhir/kiln"
+	"github.com/kiln-fhir/kiln/auth"
+	"github.com/kiln-fhir/kiln/fhir"
+	"github.com/kiln-fhir/kiln/view"
+)
+
+// viewType is the type name of stored views in scopes and URLs. R4 has no
+// ViewDefinition resource: Kiln keeps SQL on FHIR's logical model apart
+// from the R4 resources (no history, search or export of its own).
+const viewType = "ViewDefinition"
+
+// canWriteViews checks that p may create, change or delete stored views:
+// the ViewDefinition write scope and, with tenancy on, a token bound to no
+// tenant (access/*.write) — a stored view is shared by every tenant, so
+// one tenant must not change what another's exports compute.
+func (s *Server) canWriteViews(p *auth.Principal) error {
+	if s.cfg.Verifier == nil {
+		return nil // no authentication: the anonymous principal may write anything
+	}
+	if !p.CanWrite(viewType) {
+		return auth.Forbidden("the token's scopes do not allow writing ViewDefinition")
+	}
+	if tenantBound(p) {
+		return auth.Forbidden("stored ViewDefinitions are shared by every tenant: changing them needs access/*.write")
+	}
+	return nil
+}
+
+// storedViewJSON is a stored view as served: its body with the server's id
+// and meta.
+func storedViewJSON(v *kiln.StoredView) ([]byte, error) {
+	m, err := fhir.DecodeJSON(v.Body)
+	if err != nil {
+		return nil, fmt.Errorf("decode stored view %s: %w", v.ID, err)
+	}
+	m["resourceType"], m["id"] = viewType, v.ID
+	m["meta"] = map[string]any{"versionId": strconv.FormatInt(v.Version, 10), "lastUpdated": fhir.FormatInstant(v.Updated)}
+	return json.Marshal(m)
+}
+
+// readView resolves a viewReference ("ViewDefinition/id", relative) for p.
+func (s *Server) readView(r *http.Request, p *auth.Principal, ref, at string) (map[string]any, error) {
+	id, ok := strings.CutPrefix(ref, viewType+"/")
+	if !ok || !fhir.ValidID(id) {
+		return nil, kiln.Invalid(at, "viewReference %q: Kiln resolves ViewDefinition/id references to its stored views (not canonical or absolute URLs)", ref)
+	}
+	if err := canRead(p, viewType); err != nil {
+		return nil, err
+	}
+	v, err := s.store.GetView(r.Context(), id)
+	if err != nil {
+		if kiln.ErrorCode(err) == kiln.ENOTFOUND {
+			return nil, &kiln.Error{Code: kiln.ENOTFOUND, Message: fmt.Sprintf("viewReference %q: no such stored view", ref), Expression: []string{at}}
+		}
+		return nil, err
+	}
+	return fhir.DecodeJSON(v.Body)
+}
+
+// viewBody validates a ViewDefinition sent to be stored and returns what is
+// kept: the view without id and meta (the server's).
+func viewBody(b []byte, id string) ([]byte, error) {
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil, kiln.Invalid("body", "send the ViewDefinition as the body")
+	}
+	m, err := fhir.DecodeJSON(b)
+	if err != nil {
+		return nil, kiln.Invalid("body", "body is not a JSON object: %v", err)
+	}
+	if rt, _ := m["resourceType"].(string); rt != viewType {
+		return nil, kiln.Invalid("resourceType", "resourceType must be ViewDefinition, got %q", rt)
+	}
+	if bid, ok := m["id"]; ok && id != "" && bid != id {
+		return nil, kiln.Invalid("ViewDefinition.id", "the body's id %v is not the URL's %s", bid, id)
+	}
+	delete(m, "id")
+	delete(m, "meta")
+	v, err := view.Compile(m)
+	if err != nil {
+		return nil, err
+	}
+	if !fhir.R4().IsResourceType(v.Resource) {
+		return nil, kiln.Invalid("ViewDefinition.resource", "%q is not an R4 resource type", v.Resource)
+	}
+	return json.Marshal(m)
+}
+
+// putView answers PUT /ViewDefinition/{id} (create or update) and
+// POST /ViewDefinition (create, the server choosing the id).
+func (s *Server) putView(w http.ResponseWriter, r *http.Request) {
+	if err := checkContentType(r); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := s.canWriteViews(principal(r)); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	for _, h := range []string{"If-Match", "If-None-Match", "If-None-Exist"} {
+		if r.Header.Get(h) != "" {
+			s.writeError(w, r, kiln.Invalid(h, "%s: conditional writes of stored ViewDefinitions are not supported", h))
+			return
+		}
+	}
+	id := uuid.NewString()
+	if r.Method == http.MethodPut {
+		var ok bool
+		if id, ok = s.resourceID(w, r); !ok {
+			return
+		}
+	}
+	b, err := readBody(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	body, err := viewBody(b, r.PathValue("id"))
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	v, err := s.store.PutView(r.Context(), id, body)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	status := http.StatusOK
+	if v.Version == 1 {
+		status = http.StatusCreated
+		w.Header().Set("Location", s.publicURL(r, fmt.Sprintf("%s/%s/%s/_history/1", s.cfg.BasePath, viewType, id)))
+	}
+	s.writeView(w, r, status, v)
+}
+
+func (s *Server) writeView(w http.ResponseWriter, r *http.Request, status int, v *kiln.StoredView) {
+	b, err := storedViewJSON(v)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	h := w.Header()
+	h.Set("ETag", fmt.Sprintf(`W/"%d"`, v.Version))
+	h.Set("Last-Modified", v.Updated.UTC().Format(http.TimeFormat))
+	h.Set("Content-Type", fhirJSON)
+	w.WriteHeader(status)
+	w.Write(b)
+}
+
+// getView answers GET /ViewDefinition/{id}.
+func (s *Server) getView(w http.ResponseWriter, r *http.Request) {
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	if err := canRead(principal(r), viewType); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	v, err := s.store.GetView(r.Context(), id)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeView(w, r, http.StatusOK, v)
+}
+
+// listViews answers GET /ViewDefinition: every stored view, as a searchset
+// Bundle. Views are few; there are no search parameters (any is refused).
+func (s *Server) listViews(w http.ResponseWriter, r *http.Request) {
+	for name := range r.URL.Query() {
+		s.writeError(w, r, kiln.Invalid(name, "%s: stored ViewDefinitions are listed whole; there are no search parameters", name))
+		return
+	}
+	if err := canSearch(principal(r), viewType); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	vs, err := s.store.Views(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	entries := []any{}
+	for _, v := range vs {
+		b, err := storedViewJSON(v)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		entries = append(entries, map[string]any{
+			"fullUrl":  s.publicURL(r, s.cfg.BasePath+"/"+viewType+"/"+v.ID),
+			"resource": json.RawMessage(b),
+			"search":   map[string]string{"mode": "match"},
+		})
+	}
+	writeJSON(w, http.StatusOK, fhirJSON, map[string]any{"resourceType": "Bundle", "type": "searchset", "total": len(vs), "entry": entries})
+}
+
+// deleteView answers DELETE /ViewDefinition/{id}.
+func (s *Server) deleteView(w http.ResponseWriter, r *http.Request) {
+	id, ok := s.resourceID(w, r)
+	if !ok {
+		return
+	}
+	if err := s.canWriteViews(principal(r)); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := s.store.DeleteView(r.Context(), id); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
