@@ -18,6 +18,16 @@ import (
 // after them.
 var viewName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}$`)
 
+// reservedName reports whether a view name would collide with the job's
+// own files (error-1.ndjson, deleted-1.ndjson, blocks-1.ndjson).
+func reservedName(s string) bool {
+	switch strings.ToLower(s) {
+	case "error", "deleted", "blocks":
+		return true
+	}
+	return false
+}
+
 // maxViews caps the views of one $viewdefinition-export.
 const maxViews = 50
 
@@ -142,14 +152,23 @@ func viewParam(pm map[string]any, at string, n int, resolve func(ref, at string)
 	if len(parts) == 0 {
 		return out, kiln.Invalid(at, "a view parameter needs parts: viewResource or viewReference, and optionally name")
 	}
+	seen := map[string]bool{}
 	for j, raw := range parts {
 		pat := fmt.Sprintf("%s.part[%d]", at, j)
 		part, _ := raw.(map[string]any)
-		switch name, _ := part["name"].(string); name {
+		name, _ := part["name"].(string)
+		if seen[name] {
+			return out, kiln.Invalid(pat, "a view parameter takes one %s part", name)
+		}
+		seen[name] = true
+		switch name {
 		case "name":
 			s, ok := part["valueString"].(string)
 			if !ok || !viewName.MatchString(s) {
 				return out, kiln.Invalid(pat, "a view's name must be a valueString of letters, digits and _, starting with a letter (at most 64)")
+			}
+			if reservedName(s) {
+				return out, kiln.Invalid(pat, "%q names the export's own files; choose another view name", s)
 			}
 			out.Name = s
 		case "viewResource":
@@ -191,7 +210,7 @@ func viewParam(pm map[string]any, at string, n int, resolve func(ref, at string)
 	}
 	if out.Name == "" {
 		out.Name = v.Name
-		if !viewName.MatchString(out.Name) {
+		if !viewName.MatchString(out.Name) || reservedName(out.Name) {
 			out.Name = fmt.Sprintf("view_%d", n+1)
 		}
 	}

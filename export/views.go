@@ -134,8 +134,15 @@ func (w *partWriter) writeParquet(typ string, body []byte) error {
 		p = &openPart{part: kiln.Part{Type: typ, Name: name, Kind: "output"}, w: f, resources: pw, counted: cw}
 		w.open[key] = p
 	}
-	if err := p.resources.Write(body); err != nil {
+	lost, err := p.resources.Write(body)
+	if err != nil {
 		return err
+	}
+	// Values Parquet cannot hold are null in the file and said in the error file.
+	for _, l := range lost {
+		if err := w.write("error", "OperationOutcome", outcomeLine(kiln.Issue{Expression: "_outputFormat", Message: l + "; written as null in Parquet"})); err != nil {
+			return err
+		}
 	}
 	p.part.Count++
 	if p.part.Count%1024 == 0 {

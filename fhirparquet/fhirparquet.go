@@ -170,36 +170,41 @@ func NewWriter(out io.Writer, typ string) (*Writer, error) {
 // Columns is the number of leaf columns of the file's schema.
 func (w *Writer) Columns() int { return len(w.w.Schema().Columns()) }
 
-// Write adds one stored resource (its JSON).
-func (w *Writer) Write(body []byte) error {
+// Write adds one stored resource (its JSON). A value that does not fit its
+// column — a number beyond INT64 or DOUBLE, text where the definition has a
+// number or a group, as data that bypassed validation may have — is written
+// as null and named in lost ("Patient/p: photo[0].size: …"), for the caller
+// to report; it never fails the file. A null item of a repeated primitive
+// (the placeholder of its _element twin) is left out.
+func (w *Writer) Write(body []byte) (lost []string, err error) {
 	m, err := fhir.DecodeJSON(body)
 	if err != nil {
-		return fmt.Errorf("decode stored resource: %w", err)
+		return nil, fmt.Errorf("decode stored resource: %w", err)
 	}
 	v := reflect.New(w.root.group)
-	if err := fill(w.root, v.Elem(), m); err != nil {
-		id, _ := m["id"].(string)
-		return fmt.Errorf("encode %s/%s as Parquet: %w", w.typ, id, err)
-	}
+	id, _ := m["id"].(string)
+	f := filler{key: w.typ + "/" + id}
+	f.fill(w.root, v.Elem(), m, "")
+	lost = f.lost
 	if w.n == len(w.batch) {
 		w.batch = append(w.batch, nil)
 	}
 	w.batch[w.n] = w.schema.Deconstruct(w.batch[w.n][:0], v.Interface())
 	if w.n++; w.n >= batchRows {
 		if err := w.writeBatch(); err != nil {
-			return err
+			return lost, err
 		}
 	}
 	if w.pending += len(body); w.pending >= rowGroupBytes {
 		w.pending = 0
 		if err := w.writeBatch(); err != nil {
-			return err
+			return lost, err
 		}
 		if err := w.w.Flush(); err != nil {
-			return fmt.Errorf("flush Parquet row group: %w", err)
+			return lost, fmt.Errorf("flush Parquet row group: %w", err)
 		}
 	}
-	return nil
+	return lost, nil
 }
 
 func (w *Writer) writeBatch() error {
@@ -222,84 +227,113 @@ func (w *Writer) Close() error {
 	return w.w.Close()
 }
 
+// filler fills one resource's row, noting the values it had to leave null.
+type filler struct {
+	key  string
+	lost []string
+}
+
+func (f *filler) lose(path string, x any, why string) {
+	b, _ := json.Marshal(x)
+	if len(b) > 40 {
+		b = append(b[:40:40], "…"...)
+	}
+	f.lost = append(f.lost, fmt.Sprintf("%s: %s: %s %s", f.key, path, b, why))
+}
+
 // fill sets the fields of group value s from the JSON object m.
-func fill(n *node, s reflect.Value, m map[string]any) error {
-	for _, f := range n.fields {
-		x, ok := m[f.name]
+func (f *filler) fill(n *node, s reflect.Value, m map[string]any, at string) {
+	for _, fd := range n.fields {
+		x, ok := m[fd.name]
 		if !ok || x == nil {
 			continue
 		}
-		fv := s.Field(f.index)
-		if f.node.array {
+		path := fd.name
+		if at != "" {
+			path = at + "." + fd.name
+		}
+		fv := s.Field(fd.index)
+		if fd.node.array {
 			items, ok := x.([]any)
 			if !ok {
 				items = []any{x}
 			}
-			sl := reflect.MakeSlice(f.node.typ, len(items), len(items))
+			sl := reflect.MakeSlice(fd.node.typ, 0, len(items))
+			elem := reflect.New(fd.node.typ.Elem()).Elem()
 			for i, it := range items {
-				if err := set(f.node, sl.Index(i), it); err != nil {
-					return fmt.Errorf("%s: %w", f.name, err)
+				if it == nil {
+					continue // a placeholder for the _element twin
+				}
+				elem.SetZero()
+				if f.set(fd.node, elem, it, fmt.Sprintf("%s[%d]", path, i)) {
+					sl = reflect.Append(sl, elem)
 				}
 			}
 			fv.Set(sl)
 			continue
 		}
-		p := reflect.New(f.node.typ.Elem())
-		if err := set(f.node, p.Elem(), x); err != nil {
-			return fmt.Errorf("%s: %w", f.name, err)
+		p := reflect.New(fd.node.typ.Elem())
+		if f.set(fd.node, p.Elem(), x, path) {
+			fv.Set(p)
 		}
-		fv.Set(p)
 	}
-	return nil
 }
 
-// set puts one JSON value into v (the element's Go value, not its pointer).
-func set(n *node, v reflect.Value, x any) error {
+// set puts one JSON value into v (the element's Go value, not its
+// pointer), or reports false, having noted why, when it cannot.
+func (f *filler) set(n *node, v reflect.Value, x any, path string) bool {
 	switch n.kind {
 	case kGroup:
 		m, ok := x.(map[string]any)
 		if !ok {
-			return fmt.Errorf("%v is not an object", x)
+			f.lose(path, x, "is not an object")
+			return false
 		}
-		return fill(n, v, m)
+		f.fill(n, v, m, path)
 	case kJSON:
 		b, err := json.Marshal(x)
 		if err != nil {
-			return err
+			f.lose(path, x, "cannot be written as JSON")
+			return false
 		}
 		v.SetString(string(b))
 	case kText:
 		s, ok := x.(string)
 		if !ok {
-			return fmt.Errorf("%v is not text", x)
+			f.lose(path, x, "is not text")
+			return false
 		}
 		v.SetString(s)
 	case kBool:
 		b, ok := x.(bool)
 		if !ok {
-			return fmt.Errorf("%v is not a boolean", x)
+			f.lose(path, x, "is not a boolean")
+			return false
 		}
 		v.SetBool(b)
 	case kInt, kFloat:
 		num, ok := x.(json.Number)
 		if !ok {
-			return fmt.Errorf("%v is not a number", x)
+			f.lose(path, x, "is not a number")
+			return false
 		}
 		if n.kind == kInt {
 			i, err := num.Int64()
 			if err != nil {
-				return err
+				f.lose(path, x, "does not fit INT64")
+				return false
 			}
 			v.SetInt(i)
-			return nil
+			return true
 		}
-		f, err := num.Float64()
+		fl, err := num.Float64()
 		if err != nil {
-			return err
+			f.lose(path, x, "does not fit DOUBLE")
+			return false
 		}
-		v.SetFloat(f)
+		v.SetFloat(fl)
 	}
-	return nil
+	return true
 }
 
 // key is the part of a resource ReadKeys reads.

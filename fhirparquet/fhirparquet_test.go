@@ -68,7 +68,7 @@ func TestRowGroupsBoundedByBytes(t *testing.T) {
 	in := 0
 	for i := 0; in <= rowGroupBytes; i++ {
 		b := []byte(fmt.Sprintf(`{"resourceType":"Observation","id":"o%d","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}],"text":%q},"valueQuantity":{"value":%d.5}}`, i, strings.Repeat("x", 500), i))
-		if err := w.Write(b); err != nil {
+		if _, err := w.Write(b); err != nil {
 			t.Fatal(err)
 		}
 		in += len(b)
@@ -76,7 +76,7 @@ func TestRowGroupsBoundedByBytes(t *testing.T) {
 	if out.Len() == 0 {
 		t.Fatalf("%d bytes of resources written and no row group flushed", in)
 	}
-	if err := w.Write([]byte(`{"resourceType":"Observation","id":"last","status":"final","code":{"text":"x"}}`)); err != nil {
+	if _, err := w.Write([]byte(`{"resourceType":"Observation","id":"last","status":"final","code":{"text":"x"}}`)); err != nil {
 		t.Fatal(err)
 	}
 	if err := w.Close(); err != nil {
@@ -92,22 +92,35 @@ func TestRowGroupsBoundedByBytes(t *testing.T) {
 }
 
 // TestValuesOfTheWrongShape: a value that does not fit its column (stored
-// data that bypassed validation) is an error naming the resource, not a
-// panic or a silent null.
+// data that bypassed validation) is written as null and named, with the
+// resource, for the caller to report — never a failed file or a panic; a
+// null item of a repeated primitive is left out and is no loss.
 func TestValuesOfTheWrongShape(t *testing.T) {
-	w, err := NewWriter(&bytes.Buffer{}, "Patient")
+	var out bytes.Buffer
+	w, err := NewWriter(&out, "Patient")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, body := range []string{
-		`{"resourceType":"Patient","id":"p","active":"yes"}`,
-		`{"resourceType":"Patient","id":"p","name":[{"given":[1]}]}`,
-		`{"resourceType":"Patient","id":"p","photo":[{"size":1.5}]}`,
-		`{"resourceType":"Patient","id":"p","maritalStatus":"M"}`,
+	for _, tc := range []struct{ body, lost string }{
+		{`{"resourceType":"Patient","id":"p","active":"yes"}`, `Patient/p: active: "yes" is not a boolean`},
+		{`{"resourceType":"Patient","id":"p","name":[{"given":[1]}]}`, `Patient/p: name[0].given[0]: 1 is not text`},
+		{`{"resourceType":"Patient","id":"p","photo":[{"size":1.5}]}`, `Patient/p: photo[0].size: 1.5 does not fit INT64`},
+		{`{"resourceType":"Patient","id":"p","photo":[{"size":99999999999999999999}]}`, `Patient/p: photo[0].size: 99999999999999999999 does not fit INT64`},
+		{`{"resourceType":"Patient","id":"p","multipleBirthInteger":1e400}`, `Patient/p: multipleBirthInteger: 1e400 does not fit DOUBLE`},
+		{`{"resourceType":"Patient","id":"p","maritalStatus":"M"}`, `Patient/p: maritalStatus: "M" is not an object`},
+		{`{"resourceType":"Patient","id":"p","name":[{"given":[null,"Bob"]}],"_name":[{"given":[{"id":"g"},null]}]}`, ``},
 	} {
-		if err := w.Write([]byte(body)); err == nil || !strings.Contains(err.Error(), "Patient/p") {
-			t.Errorf("%s: %v", body, err)
+		lost, err := w.Write([]byte(tc.body))
+		if err != nil || strings.Join(lost, "|") != tc.lost {
+			t.Errorf("%s: lost %q, %v; want %q", tc.body, lost, err, tc.lost)
 		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	n, err := ReadKeys(bytes.NewReader(out.Bytes()), int64(out.Len()), func(string, string) error { return nil })
+	if err != nil || n != 7 {
+		t.Errorf("read back %d rows: %v", n, err)
 	}
 }
 
@@ -120,7 +133,7 @@ func BenchmarkWrite(b *testing.B) {
 	}
 	b.SetBytes(int64(len(body)))
 	for b.Loop() {
-		if err := w.Write(body); err != nil {
+		if _, err := w.Write(body); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -138,7 +151,7 @@ func TestReadKeys(t *testing.T) {
 	for i := range 1000 {
 		id := fmt.Sprintf("p%d", i)
 		want = append(want, "Patient/"+id)
-		if err := w.Write([]byte(`{"resourceType":"Patient","id":"` + id + `","gender":"female"}`)); err != nil {
+		if _, err := w.Write([]byte(`{"resourceType":"Patient","id":"` + id + `","gender":"female"}`)); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -182,7 +182,9 @@ func (w *writer) apply(ctx context.Context, wr *kiln.Write) (kiln.WriteResult, e
 		if _, err := w.tx.Exec(ctx, `DELETE FROM access WHERE rid=$1`, rid); err != nil {
 			return res, fmt.Errorf("postgres: reindex %s/%s: %w", wr.Type, wr.ID, err)
 		}
-		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash}
+		// pending: its new access rows wait for flush, which a second
+		// write of it in this batch must come after.
+		w.cur[key] = &current{rid: rid, version: version, hash: wr.Hash, pending: true}
 	} else {
 		var err error
 		if rid, err = w.nextRID(ctx); err != nil {

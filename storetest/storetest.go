@@ -48,6 +48,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"ScanShowsSnapshot", testScanSnapshot},
 		{"ScanPatientBatchesOnce", testScanPatients},
 		{"ScanPatientsAsOfSnapshot", testScanPatientsAsOfSnapshot},
+		{"SameResourceTwiceInABatch", testTwiceInBatch},
 		{"SplitTypeCoversAll", testSplit},
 		{"DeletionsInWindow", testDeletions},
 		{"JobUnitsClaimedOnce", testUnits},
@@ -499,6 +500,28 @@ func testScanPatientsAsOfSnapshot(t *testing.T, s Store) {
 	// Search reads the compartment as it is now.
 	if got, want := compartmentIDs(t, s, "b"), []string{"Observation/o-out", "Patient/b"}; !slices.Equal(got, want) {
 		t.Errorf("b's compartment now: %v, want %v", got, want)
+	}
+}
+
+// testTwiceInBatch: a batch that writes one resource twice leaves exactly
+// the second version's index rows — its tenants, not the first's too.
+func testTwiceInBatch(t *testing.T, s Store) {
+	ctx := context.Background()
+	obs := func(status, code string) kiln.Write {
+		return Put(t, fmt.Sprintf(`{"resourceType":"Observation","id":"o","meta":{"security":[{"system":%q,"code":%q}]},"status":%q,"code":{"text":"x"},"subject":{"reference":"Patient/a"}}`, kiln.AccessSystem, code, status))
+	}
+	write(t, s, Put(t, patient("a")), obs("final", "t0"))
+	write(t, s, obs("amended", "t1"), obs("corrected", "t1"))
+	write(t, s, obs("amended", "t1"), obs("corrected", "t2"))
+	snap, _ := s.SnapshotTime(ctx)
+	for code, want := range map[string]int{"t0": 0, "t1": 0, "t2": 1} {
+		n := 0
+		if err := s.Scan(ctx, kiln.ScanQuery{Type: "Observation", Snapshot: snap, AccessCodes: []string{code}}, func([]byte) error { n++; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if n != want {
+			t.Errorf("tenant %s sees %d Observations, want %d", code, n, want)
+		}
 	}
 }
 
