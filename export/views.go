@@ -64,39 +64,41 @@ func (w *partWriter) viewRows(views []jobView, req *kiln.ExportRequest, typ stri
 	return nil
 }
 
-// writeRow adds a row to the open part of the view, starting a part (a file
-// of its own in the manifest: CSV headers, JSON arrays and Parquet footers
-// cannot be joined) when there is none or it reached the file limits.
-func (w *partWriter) writeRow(jv jobView, format string, header bool, row []any) error {
-	key := "output/" + jv.name
+// formattedPart returns the open output part of typ (a view's name or a
+// resource type) whose content a format's writer makes, starting one — a
+// file of its own in the manifest: CSV headers, JSON arrays and Parquet
+// footers cannot be joined — when there is none or it reached the file
+// limits. start makes the part's writer on the counted sink file.
+func (w *partWriter) formattedPart(typ, ext string, start func(p *openPart) error) (*openPart, error) {
+	key := "output/" + typ
 	if p := w.open[key]; p != nil && (p.part.Count >= w.maxCount || p.counted.n >= w.maxBytes) {
 		if err := w.roll(key); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	p := w.open[key]
-	if p == nil {
-		if err := w.ctx.Err(); err != nil {
-			return err
-		}
-		w.n++
-		name := fmt.Sprintf("%soutput-%s-%03d.%s", w.prefix, jv.name, w.n, format)
-		f, err := w.sink.Create(w.ctx, w.job, name, w.opt)
-		if err != nil {
-			return err
-		}
-		cw := &countingWriter{w: f}
-		rw, err := view.NewWriter(format, cw, jv.v.Columns, header)
-		if err != nil {
-			f.Close()
-			return err
-		}
-		p = &openPart{part: kiln.Part{Type: jv.name, Name: name, Kind: "output"}, w: f, rows: rw, counted: cw}
-		w.open[key] = p
+	if p := w.open[key]; p != nil {
+		return p, nil
 	}
-	if err := p.rows.Write(row); err != nil {
-		return fmt.Errorf("view %s: %w", jv.name, err)
+	if err := w.ctx.Err(); err != nil {
+		return nil, err
 	}
+	w.n++
+	name := fmt.Sprintf("%soutput-%s-%03d.%s", w.prefix, typ, w.n, ext)
+	f, err := w.sink.Create(w.ctx, w.job, name, w.opt)
+	if err != nil {
+		return nil, err
+	}
+	p := &openPart{part: kiln.Part{Type: typ, Name: name, Kind: "output"}, w: f, counted: &countingWriter{w: f}}
+	if err := start(p); err != nil {
+		f.Close()
+		return nil, err
+	}
+	w.open[key] = p
+	return p, nil
+}
+
+// tally counts one row of p, checking for cancellation now and then.
+func (w *partWriter) tally(p *openPart) error {
 	p.part.Count++
 	if p.part.Count%1024 == 0 {
 		return w.ctx.Err()
@@ -104,35 +106,29 @@ func (w *partWriter) writeRow(jv jobView, format string, header bool, row []any)
 	return nil
 }
 
-// writeParquet adds a resource to the open Parquet part of its type,
-// starting one (a file of its own) when there is none or it reached the
-// file limits.
-func (w *partWriter) writeParquet(typ string, body []byte) error {
-	key := "output/" + typ
-	if p := w.open[key]; p != nil && (p.part.Count >= w.maxCount || p.counted.n >= w.maxBytes) {
-		if err := w.roll(key); err != nil {
-			return err
-		}
+// writeRow adds a row of a view to its open part.
+func (w *partWriter) writeRow(jv jobView, format string, header bool, row []any) error {
+	p, err := w.formattedPart(jv.name, format, func(p *openPart) (err error) {
+		p.rows, err = view.NewWriter(format, p.counted, jv.v.Columns, header)
+		return err
+	})
+	if err != nil {
+		return err
 	}
-	p := w.open[key]
-	if p == nil {
-		if err := w.ctx.Err(); err != nil {
-			return err
-		}
-		w.n++
-		name := fmt.Sprintf("%soutput-%s-%03d.parquet", w.prefix, typ, w.n)
-		f, err := w.sink.Create(w.ctx, w.job, name, w.opt)
-		if err != nil {
-			return err
-		}
-		cw := &countingWriter{w: f}
-		pw, err := fhirparquet.NewWriter(cw, typ)
-		if err != nil {
-			f.Close()
-			return err
-		}
-		p = &openPart{part: kiln.Part{Type: typ, Name: name, Kind: "output"}, w: f, resources: pw, counted: cw}
-		w.open[key] = p
+	if err := p.rows.Write(row); err != nil {
+		return fmt.Errorf("view %s: %w", jv.name, err)
+	}
+	return w.tally(p)
+}
+
+// writeParquet adds a resource to the open Parquet part of its type.
+func (w *partWriter) writeParquet(typ string, body []byte) error {
+	p, err := w.formattedPart(typ, "parquet", func(p *openPart) (err error) {
+		p.resources, err = fhirparquet.NewWriter(p.counted, typ)
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	lost, err := p.resources.Write(body)
 	if err != nil {
@@ -144,11 +140,7 @@ func (w *partWriter) writeParquet(typ string, body []byte) error {
 			return err
 		}
 	}
-	p.part.Count++
-	if p.part.Count%1024 == 0 {
-		return w.ctx.Err()
-	}
-	return nil
+	return w.tally(p)
 }
 
 // closeParquet ends the open Parquet part of typ, if any.

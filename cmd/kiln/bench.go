@@ -227,18 +227,11 @@ const benchView = `{"resourceType":"ViewDefinition","name":"observations","resou
 // downloads every file, counting rows (lines) and bytes.
 func benchViewExport(ctx context.Context, base, view string) (int64, int64, error) {
 	body := `{"resourceType":"Parameters","parameter":[{"name":"view","part":[{"name":"viewResource","resource":` + view + `}]}]}`
-	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/$viewdefinition-export", strings.NewReader(body))
-	req.Header.Set("Prefer", "respond-async")
-	req.Header.Set("Content-Type", "application/fhir+json")
-	res, err := http.DefaultClient.Do(req)
+	loc, done, err := kickAndWait(ctx, "POST", base+"/$viewdefinition-export", body)
 	if err != nil {
 		return 0, 0, err
 	}
-	res.Body.Close()
-	if res.StatusCode != 202 {
-		return 0, 0, fmt.Errorf("kick-off: %s", res.Status)
-	}
-	loc := res.Header.Get("Content-Location")
+	defer remove(ctx, loc)
 	var st struct {
 		Parameter []struct {
 			Name string
@@ -248,24 +241,8 @@ func benchViewExport(ctx context.Context, base, view string) (int64, int64, erro
 			}
 		}
 	}
-	for {
-		req, _ := http.NewRequestWithContext(ctx, "GET", loc, nil)
-		req.Header.Set("Prefer", "wait=30")
-		res, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return 0, 0, err
-		}
-		b, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode == 200 {
-			if err := json.Unmarshal(b, &st); err != nil {
-				return 0, 0, err
-			}
-			break
-		}
-		if res.StatusCode != 202 || bytes.Contains(b, []byte(`"failed"`)) {
-			return 0, 0, fmt.Errorf("status: %s %s", res.Status, b)
-		}
+	if err := json.Unmarshal(done, &st); err != nil {
+		return 0, 0, err
 	}
 	var urls []string
 	for _, p := range st.Parameter {
@@ -275,51 +252,24 @@ func benchViewExport(ctx context.Context, base, view string) (int64, int64, erro
 			}
 		}
 	}
-	lines, size, err := download(urls, true)
-	remove(ctx, loc)
-	return lines, size, err
+	return download(urls, true)
 }
 
 // benchExport kicks off, polls and downloads every file, counting lines and bytes.
 func benchExport(ctx context.Context, url string) (int64, int64, error) {
-	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
-	req.Header.Set("Prefer", "respond-async")
-	res, err := http.DefaultClient.Do(req)
+	loc, done, err := kickAndWait(ctx, "GET", url, "")
 	if err != nil {
 		return 0, 0, err
 	}
-	res.Body.Close()
-	if res.StatusCode != 202 {
-		return 0, 0, fmt.Errorf("kick-off: %s", res.Status)
-	}
-	loc := res.Header.Get("Content-Location")
+	defer remove(ctx, loc)
 	var m struct {
 		Output []struct {
 			URL   string
 			Count int64
 		}
 	}
-	for {
-		// Prefer: wait holds the poll until the export ends, so the
-		// measurement includes no idle time after the data is ready.
-		req, _ := http.NewRequestWithContext(ctx, "GET", loc, nil)
-		req.Header.Set("Prefer", "wait=30")
-		res, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return 0, 0, err
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode == 202 {
-			continue
-		}
-		if res.StatusCode != 200 {
-			return 0, 0, fmt.Errorf("status: %s %s", res.Status, body)
-		}
-		if err := json.Unmarshal(body, &m); err != nil {
-			return 0, 0, err
-		}
-		break
+	if err := json.Unmarshal(done, &m); err != nil {
+		return 0, 0, err
 	}
 	var urls []string
 	var count int64
@@ -333,8 +283,44 @@ func benchExport(ctx context.Context, url string) (int64, int64, error) {
 	if parquet {
 		lines = count
 	}
-	remove(ctx, loc)
 	return lines, size, err
+}
+
+// kickAndWait kicks an export off and polls it to its end, returning its
+// status URL and the completed status body. Prefer: wait holds each poll
+// until the export ends, so the measurement has no idle time after the data
+// is ready. A failed view export (202, status failed) is an error.
+func kickAndWait(ctx context.Context, method, url, body string) (string, []byte, error) {
+	req, _ := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
+	req.Header.Set("Prefer", "respond-async")
+	if body != "" {
+		req.Header.Set("Content-Type", "application/fhir+json")
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", nil, err
+	}
+	res.Body.Close()
+	if res.StatusCode != 202 {
+		return "", nil, fmt.Errorf("kick-off: %s", res.Status)
+	}
+	loc := res.Header.Get("Content-Location")
+	for {
+		req, _ := http.NewRequestWithContext(ctx, "GET", loc, nil)
+		req.Header.Set("Prefer", "wait=30")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return loc, nil, err
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		switch {
+		case res.StatusCode == 200:
+			return loc, b, nil
+		case res.StatusCode != 202 || bytes.Contains(b, []byte(`"failed"`)):
+			return loc, nil, fmt.Errorf("status: %s %s", res.Status, b)
+		}
+	}
 }
 
 // download reads every file, counting bytes and, if asked, lines.
