@@ -334,6 +334,10 @@ func (s *Service) visible(ctx context.Context, typ string, ids, tenants []string
 }
 
 func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.ExportRequest) ([]string, error) {
+	// The Group's membership is Group data: the token must read the type.
+	if !req.Reads("Group") {
+		return nil, kiln.Errorf(kiln.EFORBIDDEN, "the token's scopes do not allow reading Group, whose members a Group-level export uses")
+	}
 	g, err := s.store.Read(ctx, "Group", req.GroupID)
 	if err != nil {
 		if c := kiln.ErrorCode(err); c == kiln.ENOTFOUND || c == kiln.EGONE {
@@ -355,16 +359,29 @@ func (s *Service) groupPatients(ctx context.Context, snap time.Time, req *kiln.E
 	if err := json.Unmarshal(g.Body, &group); err != nil {
 		return nil, fmt.Errorf("decode Group/%s: %w", req.GroupID, err)
 	}
+	visible := true
 	if req.Tenants != nil {
-		visible := false
+		visible = false
 		for _, sec := range group.Meta.Security {
 			if sec.System == kiln.AccessSystem && slices.Contains(req.Tenants, sec.Code) {
 				visible = true
 			}
 		}
-		if !visible {
-			return nil, &kiln.Error{Code: kiln.ENOTFOUND, Message: fmt.Sprintf("Group/%s does not exist", req.GroupID)}
+	}
+	if scoped := req.ScopeFilters["Group"]; visible && scoped != nil {
+		// Under query-filtered Group scopes, one of the filters must match it.
+		qs, err := compileFilters("Group", scoped)
+		if err != nil {
+			return nil, err
 		}
+		m, err := fhir.DecodeJSON(g.Body)
+		if err != nil {
+			return nil, fmt.Errorf("decode Group/%s: %w", req.GroupID, err)
+		}
+		visible = fhir.MatchAny(qs, m)
+	}
+	if !visible {
+		return nil, &kiln.Error{Code: kiln.ENOTFOUND, Message: fmt.Sprintf("Group/%s does not exist", req.GroupID)}
 	}
 	var members []string
 	for _, m := range group.Member {

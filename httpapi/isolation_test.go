@@ -40,6 +40,8 @@ func TestIsolationTable(t *testing.T) {
 		// without one, which grant nothing.
 		patient   string
 		noContext bool
+		// noGroups: the Group scope's query filter matches no Group.
+		noGroups bool
 	}
 	// Compartment membership, read here from the data: a Patient is in its
 	// own compartment, an Observation or Condition in its subject's.
@@ -72,6 +74,25 @@ func TestIsolationTable(t *testing.T) {
 	if patientA == "" {
 		t.Fatal("no tenant-A patient with tenant-A Observations in the data")
 	}
+	// A Group of every patient, tagged for both tenants: each token's
+	// Group-level export holds only the members it may see.
+	var members []any
+	for _, ref := range all {
+		if strings.HasPrefix(ref, "Patient/") {
+			members = append(members, map[string]any{"entity": map[string]any{"reference": ref}})
+		}
+	}
+	gb, _ := json.Marshal(map[string]any{"resourceType": "Group", "id": "iso-mixed", "type": "person", "actual": true, "member": members,
+		"meta": map[string]any{"security": []any{map[string]any{"system": kiln.AccessSystem, "code": "tenantA"}, map[string]any{"system": kiln.AccessSystem, "code": "tenantB"}}}})
+	admin := bearer(r.token(t, "admin", "system/*.* access/*.*"))
+	if res := r.do("PUT", "/Group/iso-mixed", gb, append(admin, "Content-Type", "application/fhir+json")...); res.StatusCode/100 != 2 {
+		t.Fatalf("PUT the Group: %d %s", res.StatusCode, res.body)
+	}
+	const mixed = "Group/iso-mixed" // in both tenants, so not in d.tenant
+	all = append(all, mixed)
+	for _, m := range members { // in every member's compartment
+		d.patients[mixed] = append(d.patients[mixed], strings.TrimPrefix(m.(map[string]any)["entity"].(map[string]any)["reference"].(string), "Patient/"))
+	}
 	kinds := []kind{
 		{name: "tenant A, v1", scope: "system/*.read access/tenantA.read", tenant: "tenantA"},
 		{name: "tenant B, v2", scope: "system/*.rs access/tenantB.read", tenant: "tenantB"},
@@ -85,6 +106,8 @@ func TestIsolationTable(t *testing.T) {
 		{name: "patient/ with a context", scope: "patient/Patient.rs patient/Observation.rs patient/Condition.rs access/tenantA.read",
 			tenant: "tenantA", types: []string{"Patient", "Observation", "Condition"}, patient: patientA},
 		{name: "patient/ without a context", scope: "patient/*.rs access/*.read", types: []string{}, noContext: true},
+		{name: "Groups of animals only", scope: "system/Group.rs?type=animal system/Patient.rs system/Observation.rs system/Condition.rs access/*.read",
+			types: []string{"Group", "Patient", "Observation", "Condition"}, noGroups: true},
 	}
 	for _, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
@@ -101,6 +124,10 @@ func TestIsolationTable(t *testing.T) {
 				typ, _, _ := strings.Cut(ref, "/")
 				switch {
 				case k.refused:
+					return false
+				case ref == mixed:
+					return k.types == nil && !k.noContext && k.patient == ""
+				case k.noGroups && typ == "Group":
 					return false
 				case k.tenant != "" && d.tenant[ref] != k.tenant:
 					return false
@@ -198,32 +225,71 @@ func TestIsolationTable(t *testing.T) {
 					}
 				}
 			}
-			// Exports: exactly the visible resources, at the system and Patient levels.
-			for _, path := range []string{"/$export", "/Patient/$export"} {
-				res := r.do("GET", path, nil, append(bearer(tok), "Prefer", "respond-async")...)
+			// Exports: exactly the visible resources, at every level, and with
+			// _typeFilter and _elements; and the rows of a view export.
+			lab := "/$export?_type=Observation&_typeFilter=" + url.QueryEscape("Observation?category=laboratory")
+			elements := "/$export?_type=Observation,Condition&_elements=status"
+			for _, path := range []string{"/$export", "/Patient/$export", "/Group/iso-mixed/$export", lab, elements, "$viewdefinition-export"} {
+				var res response
+				if path == "$viewdefinition-export" {
+					res = r.do("POST", "/$viewdefinition-export", exportParams(viewParam("ids", `{"resource":"Observation","select":[{"column":[{"name":"ref","path":"getResourceKey()"}]}]}`)),
+						append(bearer(tok), "Prefer", "respond-async", "Content-Type", "application/fhir+json")...)
+				} else {
+					res = r.do("GET", path, nil, append(bearer(tok), "Prefer", "respond-async")...)
+				}
 				if k.refused || k.patient != "" || k.noContext {
 					if res.StatusCode != 403 {
 						t.Errorf("%s: %d, want 403", path, res.StatusCode)
 					}
 					continue
 				}
+				if path == "$viewdefinition-export" && !typeReadable("Observation") || path == "/Group/iso-mixed/$export" && !typeReadable("Group") {
+					if res.StatusCode != 403 {
+						t.Errorf("%s: %d, want 403", path, res.StatusCode)
+					}
+					continue
+				}
+				if path == "/Group/iso-mixed/$export" && !visible(mixed) {
+					// A Group the token may not read is as unknown as none.
+					if res.StatusCode != 404 {
+						t.Errorf("%s: %d, want 404", path, res.StatusCode)
+					}
+					continue
+				}
 				if res.StatusCode != 202 {
 					t.Fatalf("%s: %d %s", path, res.StatusCode, res.body)
 				}
-				m := r.mustCompleteAuth(res.Header.Get("Content-Location"), tok)
 				got := map[string]bool{}
-				for typ, ids := range r.idsAuth(m, tok) {
-					for _, id := range ids {
-						got[typ+"/"+id] = true
+				if path == "$viewdefinition-export" {
+					st := waitView(t, r.env, res.Header.Get("Content-Location"), bearer(tok)...)
+					for _, b := range viewFiles(t, r.env, st.outputs["ids"], bearer(tok)...) {
+						for _, l := range sortedLines(b) {
+							var row struct{ Ref string }
+							json.Unmarshal([]byte(l), &row)
+							got[row.Ref] = true
+						}
+					}
+				} else {
+					m := r.mustCompleteAuth(res.Header.Get("Content-Location"), tok)
+					for typ, ids := range r.idsAuth(m, tok) {
+						for _, id := range ids {
+							got[typ+"/"+id] = true
+						}
 					}
 				}
 				want := map[string]bool{}
 				for _, ref := range all {
-					if visible(ref) {
+					typ, _, _ := strings.Cut(ref, "/")
+					switch {
+					case !visible(ref):
+					case path == lab && (typ != "Observation" || !d.lab[ref]):
+					case path == elements && typ != "Observation" && typ != "Condition":
+					case path == "$viewdefinition-export" && typ != "Observation":
+					default:
 						want[ref] = true
 					}
 				}
-				if path != "/$export" {
+				if path == "/Patient/$export" || path == "/Group/iso-mixed/$export" {
 					// Patient level: the data of the patients the token sees —
 					// compartment records tied to one of them; outside the
 					// compartment, only what their data references.
@@ -234,7 +300,7 @@ func TestIsolationTable(t *testing.T) {
 						}
 					}
 					for ref := range got {
-						if d.tenant[ref] == "" {
+						if d.tenant[ref] == "" && ref != mixed {
 							t.Errorf("%s: %s exported, which is not in the data", path, ref)
 						}
 					}
