@@ -62,6 +62,7 @@ type node struct {
 	typ    reflect.Type // the field's type (pointer or slice)
 	fields []field      // kGroup
 	group  reflect.Type // kGroup: the struct
+	names  map[string]bool
 }
 
 type field struct {
@@ -99,7 +100,7 @@ func build(d *fhir.Definitions, name string, enclosing []string) (*node, error) 
 	if td == nil {
 		return nil, kiln.Invalid("_outputFormat", "%s has no definition to derive a Parquet schema from", name)
 	}
-	n := &node{kind: kGroup}
+	n := &node{kind: kGroup, names: map[string]bool{}}
 	var sf []reflect.StructField
 	for _, p := range td.Props {
 		if len(p.Name) > 0 && p.Name[0] == '_' {
@@ -130,6 +131,7 @@ func build(d *fhir.Definitions, name string, enclosing []string) (*node, error) 
 			tag += ",optional"
 		}
 		n.fields = append(n.fields, field{name: p.Name, index: len(sf), node: c})
+		n.names[p.Name] = true
 		sf = append(sf, reflect.StructField{Name: "F" + strconv.Itoa(len(sf)), Type: c.typ, Tag: reflect.StructTag(`parquet:"` + tag + `"`)})
 	}
 	n.group = reflect.StructOf(sf)
@@ -174,8 +176,10 @@ func (w *Writer) Columns() int { return len(w.w.Schema().Columns()) }
 // column — a number beyond INT64 or DOUBLE, text where the definition has a
 // number or a group, as data that bypassed validation may have — is written
 // as null and named in lost ("Patient/p: photo[0].size: …"), for the caller
-// to report; it never fails the file. A null item of a repeated primitive
-// (the placeholder of its _element twin) is left out.
+// to report, as is an element R4 does not define there (no column holds it);
+// neither fails the file. At most maxLost are named per resource, then a
+// count. A null item of a repeated primitive (the placeholder of its
+// _element twin) is left out.
 func (w *Writer) Write(body []byte) (lost []string, err error) {
 	m, err := fhir.DecodeJSON(body)
 	if err != nil {
@@ -186,6 +190,9 @@ func (w *Writer) Write(body []byte) (lost []string, err error) {
 	f := filler{key: w.typ + "/" + id}
 	f.fill(w.root, v.Elem(), m, "")
 	lost = f.lost
+	if f.more > 0 {
+		lost = append(lost, fmt.Sprintf("%s: and %d more values", f.key, f.more))
+	}
 	if w.n == len(w.batch) {
 		w.batch = append(w.batch, nil)
 	}
@@ -231,9 +238,17 @@ func (w *Writer) Close() error {
 type filler struct {
 	key  string
 	lost []string
+	more int // losses past maxLost, counted only
 }
 
+// maxLost bounds the losses named per resource.
+const maxLost = 10
+
 func (f *filler) lose(path string, x any, why string) {
+	if len(f.lost) == maxLost {
+		f.more++
+		return
+	}
 	b, _ := json.Marshal(x)
 	if len(b) > 40 {
 		b = append(b[:40:40], "…"...)
@@ -276,6 +291,22 @@ func (f *filler) fill(n *node, s reflect.Value, m map[string]any, at string) {
 		if f.set(fd.node, p.Elem(), x, path) {
 			fv.Set(p)
 		}
+	}
+	// An element the definition does not have (data that bypassed
+	// validation) has no column: said, not dropped unseen.
+	var unknown []string
+	for k := range m {
+		if !n.names[k] && k != "" && k[0] != '_' {
+			unknown = append(unknown, k)
+		}
+	}
+	slices.Sort(unknown)
+	for _, k := range unknown {
+		path := k
+		if at != "" {
+			path = at + "." + k
+		}
+		f.lose(path, m[k], "is not an element of R4 here: no column")
 	}
 }
 

@@ -3,6 +3,7 @@ package fhirparquet
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -109,8 +110,13 @@ func TestValuesOfTheWrongShape(t *testing.T) {
 		{`{"resourceType":"Patient","id":"p","multipleBirthInteger":1e400}`, `Patient/p: multipleBirthInteger: 1e400 does not fit DOUBLE`},
 		{`{"resourceType":"Patient","id":"p","maritalStatus":"M"}`, `Patient/p: maritalStatus: "M" is not an object`},
 		{`{"resourceType":"Patient","id":"p","name":[{"given":[null,"Bob"]}],"_name":[{"given":[{"id":"g"},null]}]}`, ``},
+		{`{"resourceType":"Patient","id":"p","birthdate":"1970","name":[{"famly":"X"}]}`, `Patient/p: birthdate: "1970" is not an element of R4 here: no column|Patient/p: name[0].famly: "X" is not an element of R4 here: no column`},
+		{`{"resourceType":"Patient","id":"p","name":[{"given":[1,2,3,4,5,6,7,8,9,10,11,12]}]}`, `Patient/p: name[0].given[0]: 1 is not text|Patient/p: name[0].given[1]: 2 is not text|Patient/p: name[0].given[2]: 3 is not text|Patient/p: name[0].given[3]: 4 is not text|Patient/p: name[0].given[4]: 5 is not text|Patient/p: name[0].given[5]: 6 is not text|Patient/p: name[0].given[6]: 7 is not text|Patient/p: name[0].given[7]: 8 is not text|Patient/p: name[0].given[8]: 9 is not text|Patient/p: name[0].given[9]: 10 is not text|Patient/p: and 2 more values`},
 	} {
 		lost, err := w.Write([]byte(tc.body))
+		if tc.lost != "" && !strings.Contains(tc.lost, "more values") {
+			slices.Sort(lost) // elements of one object come sorted, nested ones first
+		}
 		if err != nil || strings.Join(lost, "|") != tc.lost {
 			t.Errorf("%s: lost %q, %v; want %q", tc.body, lost, err, tc.lost)
 		}
@@ -119,7 +125,7 @@ func TestValuesOfTheWrongShape(t *testing.T) {
 		t.Fatal(err)
 	}
 	n, err := ReadKeys(bytes.NewReader(out.Bytes()), int64(out.Len()), func(string, string) error { return nil })
-	if err != nil || n != 7 {
+	if err != nil || n != 9 {
 		t.Errorf("read back %d rows: %v", n, err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -22,17 +23,19 @@ import (
 const viewType = "ViewDefinition"
 
 // canWriteViews checks that p may create, change or delete stored views:
-// the ViewDefinition write scope and, with tenancy on, a token bound to no
-// tenant (access/*.write) — a stored view is shared by every tenant, so
-// one tenant must not change what another's exports compute.
+// a system/ or user/ ViewDefinition write scope (a patient/ scope is about
+// one patient's records, and a view is every export's) and every tenant's
+// write access (access/*.write, or a token that names no tenant under
+// --tenancy none) — a stored view is shared by every tenant, so one tenant
+// must not change what another's exports compute.
 func (s *Server) canWriteViews(p *auth.Principal) error {
 	if s.cfg.Verifier == nil {
 		return nil // no authentication: the anonymous principal may write anything
 	}
-	if !p.CanWrite(viewType) {
-		return auth.Forbidden("the token's scopes do not allow writing ViewDefinition")
+	if !p.Write["*"] && !p.Write[viewType] {
+		return auth.Forbidden("the token's scopes do not allow writing ViewDefinition (a system/ or user/ write scope)")
 	}
-	if tenantBound(p) {
+	if !slices.Contains(p.AccessWrite, "*") {
 		return auth.Forbidden("stored ViewDefinitions are shared by every tenant: changing them needs access/*.write")
 	}
 	return nil
@@ -66,7 +69,16 @@ func (s *Server) readView(r *http.Request, p *auth.Principal, ref, at string) (m
 		}
 		return nil, err
 	}
-	return fhir.DecodeJSON(v.Body)
+	m, err := fhir.DecodeJSON(v.Body)
+	if err != nil {
+		return nil, fmt.Errorf("decode stored view %s: %w", id, err)
+	}
+	// Checked when stored; one that no longer compiles (a later Kiln reads
+	// views more strictly) is the server's state, not the caller's mistake.
+	if _, err := view.Compile(m); err != nil {
+		return nil, &kiln.Error{Code: kiln.ECONFLICT, Message: fmt.Sprintf("stored %s/%s no longer compiles (%s); store it again", viewType, id, kiln.ErrorMessage(err)), Expression: []string{at}}
+	}
+	return m, nil
 }
 
 // viewBody validates a ViewDefinition sent to be stored and returns what is
@@ -139,7 +151,8 @@ func (s *Server) putView(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
 	if v.Version == 1 {
 		status = http.StatusCreated
-		w.Header().Set("Location", s.publicURL(r, fmt.Sprintf("%s/%s/%s/_history/1", s.cfg.BasePath, viewType, id)))
+		// Stored views have no history to point into: the view's own URL.
+		w.Header().Set("Location", s.publicURL(r, fmt.Sprintf("%s/%s/%s", s.cfg.BasePath, viewType, id)))
 	}
 	s.writeView(w, r, status, v)
 }

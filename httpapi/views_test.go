@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 const storedPatientView = `{"resourceType":"ViewDefinition","name":"patients","resource":"Patient","select":[{"column":[
@@ -20,7 +21,7 @@ func TestStoredViews(t *testing.T) {
 	ct := []string{"Content-Type", "application/fhir+json"}
 
 	res := e.do("PUT", "/ViewDefinition/pv", []byte(storedPatientView), ct...)
-	if res.StatusCode != 201 || !strings.HasSuffix(res.Header.Get("Location"), "/ViewDefinition/pv/_history/1") || res.Header.Get("ETag") != `W/"1"` {
+	if res.StatusCode != 201 || !strings.HasSuffix(res.Header.Get("Location"), "/ViewDefinition/pv") || res.Header.Get("ETag") != `W/"1"` {
 		t.Fatalf("create: %d %v %s", res.StatusCode, res.Header, res.body)
 	}
 	res = e.do("PUT", "/ViewDefinition/pv", []byte(strings.Replace(storedPatientView, `"patients"`, `"people"`, 1)), ct...)
@@ -121,8 +122,22 @@ func TestStoredViewsAccess(t *testing.T) {
 		{"system/Patient.rs access/*.read", 403, 403, 403},
 		{"system/ViewDefinition.rs system/Patient.rs access/*.read", 200, 403, 200},
 		{"system/ViewDefinition.* system/Patient.rs access/*.*", 200, 200, 200},
+		// No access/ scope under access-tags: no tenant's write access (and
+		// a run finds no record it may see).
+		{"system/*.*", 200, 403, 200},
+		// A patient app (with a patient context): its patient/ scopes do
+		// not reach the shared views.
+		{"patient/*.* access/*.*", 200, 403, 200},
 	} {
-		tok := bearer(r.token(t, "c", tc.scope))
+		var claims map[string]any
+		if strings.HasPrefix(tc.scope, "patient/") {
+			claims = map[string]any{"patient": "p1"}
+		}
+		minted, err := r.verifier.Mint("c", tc.scope, time.Minute, claims)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := bearer(minted)
 		if res := r.do("GET", "/ViewDefinition/pv", nil, tok...); res.StatusCode != tc.read {
 			t.Errorf("%s: read %d, want %d", tc.scope, res.StatusCode, tc.read)
 		}
