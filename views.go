@@ -30,3 +30,12 @@ type ViewStore interface {
 	// DeleteView returns ENOTFOUND for an unknown id.
 	DeleteView(ctx context.Context, id string) error
 }
+
+// SecretStore keeps random secrets the processes sharing a store must agree
+// on (the key that makes search cursors opaque).
+type SecretStore interface {
+	// Secret returns the secret called name, made of size random bytes the
+	// first time it is asked for; every later call, from any process, gets
+	// the same bytes.
+	Secret(ctx context.Context, name string, size int) ([]byte, error)
+}

@@ -419,9 +419,9 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	sq := kiln.SearchQuery{Type: typ, Count: 500, AccessCodes: principal(r).AccessCodes()}
 	first := true
 	if v := vals.Get("_cursor"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 0 {
-			s.writeError(w, r, kiln.Invalid("_cursor", "_cursor %q is not one this server gave out", v))
+		n, err := s.decodeCursor(r.Context(), v)
+		if err != nil {
+			s.writeError(w, r, err)
 			return
 		}
 		sq.After = n
@@ -499,8 +499,13 @@ scan:
 	}
 	fmt.Fprintf(&buf, `,"link":[{"relation":"self","url":%s}`, fhir.AppendString(nil, self))
 	if next > 0 {
+		cursor, err := s.encodeCursor(r.Context(), next)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
 		nv := cloneValues(vals)
-		nv.Set("_cursor", strconv.FormatInt(next, 10))
+		nv.Set("_cursor", cursor)
 		fmt.Fprintf(&buf, `,{"relation":"next","url":%s}`, fhir.AppendString(nil, s.publicURL(r, r.URL.Path)+"?"+nv.Encode()))
 	}
 	buf.WriteString(`],"entry":[`)

@@ -5,6 +5,7 @@ package httpapi
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -82,6 +83,7 @@ type Config struct {
 type Store interface {
 	kiln.ResourceStore
 	kiln.ViewStore
+	kiln.SecretStore
 }
 
 // Server is the HTTP handler.
@@ -102,6 +104,9 @@ type Server struct {
 	clientDownloads map[string]int
 	// decoding holds the DecodeBudget.
 	decoding *semaphore.Weighted
+	// cursors encrypts search cursors (made on first use; under cursorMu).
+	cursorMu sync.Mutex
+	cursors  cipher.Block
 }
 
 type pollState struct {

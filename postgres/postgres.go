@@ -131,6 +131,8 @@ var migrations = []string{
 	CREATE INDEX compartment_gone_rid ON compartment_gone(rid, patient);`,
 	// Stored ViewDefinitions (SQL on FHIR), not R4 resources.
 	`CREATE TABLE views(id TEXT PRIMARY KEY, version BIGINT NOT NULL, updated BIGINT NOT NULL, body BYTEA NOT NULL);`,
+	// Secrets the processes sharing the store agree on (kiln.SecretStore).
+	`CREATE TABLE secrets(name TEXT PRIMARY KEY, value BYTEA NOT NULL);`,
 }
 
 const migrationLock = 0x6b696c6e // "kiln"

@@ -25,6 +25,7 @@ type Store interface {
 	kiln.JobStore
 	kiln.ClientStore
 	kiln.ViewStore
+	kiln.SecretStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
 	// SetClock pins the lastUpdated clock (a nil func is not allowed).
@@ -57,6 +58,7 @@ func Run(t *testing.T, open func(t *testing.T) Store) {
 		{"TypesPresentKeepsTombstones", testTypesPresent},
 		{"ClientsStored", testClients},
 		{"ViewsStored", testViews},
+		{"SecretsKept", testSecrets},
 		{"OutboxWithItsChange", testOutbox},
 		{"AssertionsUsedOnce", testAssertions},
 	}
@@ -834,6 +836,22 @@ func testViews(t *testing.T, s Store) {
 	}
 	if _, err := s.GetView(ctx, "v"); kiln.ErrorCode(err) != kiln.ENOTFOUND {
 		t.Fatalf("deleted view: %v", err)
+	}
+}
+
+func testSecrets(t *testing.T, s Store) {
+	ctx := context.Background()
+	a, err := s.Secret(ctx, "a", 16)
+	if err != nil || len(a) != 16 {
+		t.Fatalf("first: %x %v", a, err)
+	}
+	again, err := s.Secret(ctx, "a", 16)
+	if err != nil || !slices.Equal(a, again) {
+		t.Fatalf("again: %x %v, want %x", again, err, a)
+	}
+	b, err := s.Secret(ctx, "b", 16)
+	if err != nil || slices.Equal(a, b) {
+		t.Fatalf("another name: %x %v", b, err)
 	}
 }
 

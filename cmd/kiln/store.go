@@ -21,6 +21,7 @@ type backend interface {
 	kiln.ExportReader
 	kiln.JobStore
 	kiln.ViewStore
+	kiln.SecretStore
 	kiln.Outbox
 	SetEvents(kiln.Events)
 	Ping(context.Context) error
