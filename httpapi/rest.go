@@ -175,12 +175,12 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := canRead(principal(r), typ); err != nil {
+	if err := principal(r).CheckRead(typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
 	res, err := s.store.Read(r.Context(), typ, id)
-	if err == nil && !readable(principal(r), auth.ActRead, typ, res.Body) {
+	if err == nil && !principal(r).Readable(auth.ActRead, typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 	}
 	if kiln.ErrorCode(err) == kiln.EGONE {
@@ -188,7 +188,7 @@ func (s *Server) read(w http.ResponseWriter, r *http.Request) {
 		// to anyone else a deleted record is as unknown as one never written.
 		if last, lerr := s.lastBody(r.Context(), typ, id); lerr != nil {
 			err = lerr
-		} else if last == nil || !readable(principal(r), auth.ActRead, typ, last) {
+		} else if last == nil || !principal(r).Readable(auth.ActRead, typ, last) {
 			err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 		}
 	}
@@ -262,12 +262,12 @@ func (s *Server) vread(w http.ResponseWriter, r *http.Request) {
 		writeOutcome(w, http.StatusBadRequest, "error", "invalid", fmt.Sprintf("version %q is not a positive whole number", r.PathValue("vid")), "vid")
 		return
 	}
-	if err := canRead(principal(r), typ); err != nil {
+	if err := principal(r).CheckRead(typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
 	res, err := s.store.ReadVersion(r.Context(), typ, id, v)
-	if err == nil && !readable(principal(r), auth.ActRead, typ, res.Body) {
+	if err == nil && !principal(r).Readable(auth.ActRead, typ, res.Body) {
 		err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s has no version %d", typ, id, v)
 	}
 	if err != nil {
@@ -329,13 +329,13 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := canRead(principal(r), typ); err != nil {
+	if err := principal(r).CheckRead(typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
 	versions, err := s.store.History(r.Context(), typ, id)
 	if err == nil {
-		versions = readableHistory(principal(r), typ, versions)
+		versions = principal(r).ReadableHistory(typ, versions)
 		if len(versions) == 0 {
 			err = kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", typ, id)
 		}
@@ -381,7 +381,7 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := canSearch(principal(r), typ); err != nil {
+	if err := principal(r).CheckSearch(typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}

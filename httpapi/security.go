@@ -5,12 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 
 	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/auth"
-	"github.com/kiln-fhir/kiln/fhir"
 )
 
 type principalKey struct{}
@@ -108,116 +106,13 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	s.cfg.Token.ServeHTTP(w, r)
 }
 
-// canRead checks the type scope for a read or search.
-func canRead(p *auth.Principal, typ string) error {
-	if !p.CanRead(typ) {
-		return auth.Forbidden("the token's scopes do not allow reading %s (SMART v2: r)", typ)
-	}
-	return nil
-}
-
-// canSearch checks the type scope for a search (SMART v2: s).
-func canSearch(p *auth.Principal, typ string) error {
-	if !p.CanSearch(typ) {
-		return auth.Forbidden("the token's scopes do not allow searching %s (SMART v2: s)", typ)
-	}
-	return nil
-}
-
-// readable reports whether p may read (act ActRead) or find by search
-// (ActSearch) a stored resource of typ: its access tags, and the query
-// filters and patient context of p's scopes for typ.
-func readable(p *auth.Principal, act auth.Action, typ string, body []byte) bool {
-	return visible(p, body) && p.Matches(act, typ, body)
-}
-
-// visible reports whether p may see a stored resource body (by its access tags).
-func visible(p *auth.Principal, body []byte) bool {
-	if p.AccessAll {
-		return true
-	}
-	return p.CanSee(accessCodes(body))
-}
-
-func accessCodes(body []byte) []string { return kiln.AccessCodesOf(body) }
-
-// onlyInCompartment reports whether a body of typ is in the compartment of
-// patient and of no other patient.
-func onlyInCompartment(typ string, body []byte, patient string, refs fhir.Options) bool {
-	m, err := fhir.DecodeJSON(body)
-	return err == nil && auth.OnlyInCompartment(typ, m, patient, refs)
-}
-
-// authorizeWrite checks a write: the type scope, the access codes the new
-// version carries, and that the record as it stands (its last version with a
-// body, so a deleted record keeps its tenant) is the writer's to change.
-// A record the writer may not see answers 404, whether it is live, deleted
-// or another tenant's, so that a write reveals nothing a read would not.
+// authorizeWrite asks the policy (auth.Principal.CheckWrite) about a write,
+// giving it the record's last version with a body.
 func (s *Server) authorizeWrite(r *http.Request, w *kiln.Write) error {
 	if s.cfg.Verifier == nil {
 		return nil // no authentication: the anonymous principal may write anything
 	}
-	p := principal(r)
-	if !p.CanWrite(w.Type) {
-		return auth.Forbidden("the token's scopes do not allow writing %s", w.Type)
-	}
-	patient, patientOnly := p.WritesOnlyPatient(w.Type)
-	if patientOnly && w.Kind != kiln.Delete && !onlyInCompartment(w.Type, w.Body, patient, p.Refs) {
-		return auth.Forbidden("the token's patient/ scopes allow writing only resources in the compartment of Patient/%s and of no other patient", patient)
-	}
-	if w.Kind != kiln.Delete {
-		if !p.CanTag(w.AccessCodes) {
-			return auth.Forbidden("the token may not write records tagged %v (%s)", w.AccessCodes, kiln.AccessSystem)
-		}
-		if len(w.AccessCodes) == 0 && tenantBound(p) {
-			return kiln.Invalid("meta.security", "a record written with a tenant-limited token must carry one of its access codes (%s)", kiln.AccessSystem)
-		}
-	}
-	before, err := s.lastBody(r.Context(), w.Type, w.ID)
-	if err != nil {
-		return err
-	}
-	if before == nil {
-		return nil // a new record
-	}
-	if !visible(p, before) || patientOnly && !onlyInCompartment(w.Type, before, patient, p.Refs) {
-		return kiln.Errorf(kiln.ENOTFOUND, "%s/%s is not known", w.Type, w.ID)
-	}
-	if codes := accessCodes(before); !p.CanTag(codes) {
-		return auth.Forbidden("the token may not change records tagged %v (%s): it needs write access to each", codes, kiln.AccessSystem)
-	}
-	return nil
-}
-
-// readableHistory keeps the versions (newest first) that p may read: each
-// version with a body is judged by its own tags and p's filters, and a
-// deletion by the version it deleted. A record re-tagged between tenants
-// shows each tenant only its own versions.
-func readableHistory(p *auth.Principal, typ string, versions []kiln.Resource) []kiln.Resource {
-	out := versions[:0:0]
-	for i, v := range versions {
-		if !v.Deleted {
-			if readable(p, auth.ActRead, typ, v.Body) {
-				out = append(out, v)
-			}
-			continue
-		}
-		for _, older := range versions[i+1:] {
-			if !older.Deleted {
-				if readable(p, auth.ActRead, typ, older.Body) {
-					out = append(out, v)
-				}
-				break
-			}
-		}
-	}
-	return out
-}
-
-// tenantBound reports whether p writes under a tenant limit: it holds
-// access/ scopes, none of them for every tenant.
-func tenantBound(p *auth.Principal) bool {
-	return p.HasAccessScope && !slices.Contains(p.AccessWrite, "*")
+	return principal(r).CheckWrite(w, func() ([]byte, error) { return s.lastBody(r.Context(), w.Type, w.ID) })
 }
 
 // lastBody returns the body of the record's newest version that has one

@@ -169,7 +169,7 @@ func (s *Server) viewRun(w http.ResponseWriter, r *http.Request) {
 	}
 	typ := req.view.Resource
 	p := principal(r)
-	if err := canSearch(p, typ); err != nil {
+	if err := p.CheckSearch(typ); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -206,7 +206,7 @@ scan:
 			return
 		}
 		for _, res := range page.Resources {
-			if !readable(p, auth.ActSearch, typ, res.Body) {
+			if !p.Readable(auth.ActSearch, typ, res.Body) {
 				continue
 			}
 			m, err := fhir.DecodeJSON(res.Body)

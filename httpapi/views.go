@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -22,23 +21,12 @@ import (
 // from the R4 resources (no history, search or export of its own).
 const viewType = "ViewDefinition"
 
-// canWriteViews checks that p may create, change or delete stored views:
-// a system/ or user/ ViewDefinition write scope (a patient/ scope is about
-// one patient's records, and a view is every export's) and every tenant's
-// write access (access/*.write, or a token that names no tenant under
-// --tenancy none) — a stored view is shared by every tenant, so one tenant
-// must not change what another's exports compute.
+// canWriteViews asks the policy about a change to the stored views.
 func (s *Server) canWriteViews(p *auth.Principal) error {
 	if s.cfg.Verifier == nil {
 		return nil // no authentication: the anonymous principal may write anything
 	}
-	if !p.Write["*"] && !p.Write[viewType] {
-		return auth.Forbidden("the token's scopes do not allow writing ViewDefinition (a system/ or user/ write scope)")
-	}
-	if !slices.Contains(p.AccessWrite, "*") {
-		return auth.Forbidden("stored ViewDefinitions are shared by every tenant: changing them needs access/*.write")
-	}
-	return nil
+	return p.CheckWriteViews(viewType)
 }
 
 // storedViewJSON is a stored view as served: its body with the server's id
@@ -59,7 +47,7 @@ func (s *Server) readView(r *http.Request, p *auth.Principal, ref, at string) (m
 	if !ok || !fhir.ValidID(id) {
 		return nil, kiln.Invalid(at, "viewReference %q: Kiln resolves ViewDefinition/id references to its stored views (not canonical or absolute URLs)", ref)
 	}
-	if err := canRead(p, viewType); err != nil {
+	if err := p.CheckRead(viewType); err != nil {
 		return nil, err
 	}
 	v, err := s.store.GetView(r.Context(), id)
@@ -177,7 +165,7 @@ func (s *Server) getView(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := canRead(principal(r), viewType); err != nil {
+	if err := principal(r).CheckRead(viewType); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -196,7 +184,7 @@ func (s *Server) listViews(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, kiln.Invalid(name, "%s: stored ViewDefinitions are listed whole; there are no search parameters", name))
 		return
 	}
-	if err := canSearch(principal(r), viewType); err != nil {
+	if err := principal(r).CheckSearch(viewType); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
