@@ -59,7 +59,8 @@ func (s *Sink) Create(ctx context.Context, job, name string, _ kiln.WriteOptions
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return nil, fmt.Errorf("create job folder: %w", err)
 	}
-	f, err := os.Create(p)
+	// Health records: owner-only, whatever the umask.
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create %s: %w", name, err)
 	}

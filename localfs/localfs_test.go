@@ -3,6 +3,8 @@ package localfs
 import (
 	"context"
 	"io"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/kiln-fhir/kiln"
@@ -31,6 +33,10 @@ func TestSinkRoundTripAndConfinement(t *testing.T) {
 	r.Close()
 	if string(b) != "line\n" {
 		t.Fatalf("read %q", b)
+	}
+	// Export files are health records: owner-only, whatever the umask.
+	if fi, err := os.Stat(filepath.Join(s.Root, "job", "000001-a.ndjson")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("export file mode: %v %v", fi.Mode(), err)
 	}
 	for _, bad := range [][2]string{{"..", "x"}, {"job", "../../etc/passwd"}, {"a/b", "x"}, {"job", ""}} {
 		if _, err := s.Open(ctx, bad[0], bad[1]); kiln.ErrorCode(err) != kiln.ENOTFOUND {

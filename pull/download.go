@@ -115,7 +115,7 @@ func (c *Client) Download(ctx context.Context, st *State, m *Manifest) (*Result,
 		}
 		return &Result{Manifest: m}, err
 	}
-	if err := os.MkdirAll(c.staging(), 0o755); err != nil {
+	if err := os.MkdirAll(c.staging(), 0o700); err != nil {
 		return nil, err
 	}
 	type job struct {
@@ -292,7 +292,7 @@ func (c *Client) fetch(ctx context.Context, st *State, m *Manifest, f File, kind
 // save1 writes a response body to path and syncs it to disk; a body cut
 // short (io.ErrUnexpectedEOF from the transport) is an error.
 func (c *Client) save1(path string, body io.Reader) error {
-	out, err := os.Create(path)
+	out, err := createPrivate(path)
 	if err != nil {
 		return err
 	}

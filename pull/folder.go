@@ -255,7 +255,7 @@ func rewriteWithout(path, typ string, drop func(string) bool) (int, LocalFile, e
 	}
 	defer in.Close()
 	tmp := path + ".tmp"
-	out, err := os.Create(tmp)
+	out, err := createPrivate(tmp)
 	if err != nil {
 		return 0, LocalFile{}, err
 	}
@@ -311,9 +311,15 @@ func rewriteWithout(path, typ string, drop func(string) bool) (int, LocalFile, e
 	return removed, f, syncDir(filepath.Dir(path))
 }
 
+// createPrivate creates (or truncates) a file only its owner may read: a
+// pull folder holds health records, whatever the umask.
+func createPrivate(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+}
+
 // writeAtomic writes b to tmp, syncs it and renames it to path.
 func writeAtomic(tmp, path string, b []byte) error {
-	f, err := os.Create(tmp)
+	f, err := createPrivate(tmp)
 	if err != nil {
 		return err
 	}

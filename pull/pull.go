@@ -215,7 +215,7 @@ func (c *Client) Start(ctx context.Context, req Request) (*State, error) {
 		// An increment is applied by rewriting earlier files' lines.
 		return nil, fmt.Errorf("an incremental pull (--since-last) needs NDJSON files, not Parquet")
 	}
-	if err := os.MkdirAll(c.opt.Out, 0o755); err != nil {
+	if err := os.MkdirAll(c.opt.Out, 0o700); err != nil {
 		return nil, err
 	}
 	path := "/$export"

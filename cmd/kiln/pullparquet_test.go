@@ -66,6 +66,18 @@ func TestPullParquet(t *testing.T) {
 	if out, err := exec.Command(bin, "pull", "--verify", pq).CombinedOutput(); err != nil {
 		t.Fatalf("--verify: %v\n%s", err, out)
 	}
+	// A pull folder holds health records: owner-only, whatever the umask.
+	for _, folder := range []string{nd, pq} {
+		if fi, err := os.Stat(folder); err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("%s: mode %v %v", folder, fi.Mode(), err)
+		}
+		entries, _ := os.ReadDir(folder)
+		for _, e := range entries {
+			if fi, err := e.Info(); err == nil && !e.IsDir() && fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s: mode %v", e.Name(), fi.Mode())
+			}
+		}
+	}
 	// A damaged file: --verify says so.
 	b, _ := os.ReadFile(files[0])
 	os.WriteFile(files[0], b[:len(b)-20], 0o644)
