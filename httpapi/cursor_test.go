@@ -10,8 +10,9 @@ import (
 
 // TestSearchCursorsAreOpaque (issue 17): a search's next link carries no
 // store row id (which would count every tenant's writes), a second server
-// on the same store follows it, and a cursor not given out — a number, a
-// well-formed block made without the key — is a 400 naming _cursor.
+// on the same store follows it, and a cursor not given out for this search
+// — a number, a well-formed block made without the key, one from a search
+// of another type — is a 400 naming _cursor.
 func TestSearchCursorsAreOpaque(t *testing.T) {
 	dir := t.TempDir()
 	e := newEnv(t, envOpts{dir: dir, noWorkers: true})
@@ -57,8 +58,12 @@ func TestSearchCursorsAreOpaque(t *testing.T) {
 	if slices.Sort(ids); !slices.Equal(ids, []string{"a", "b", "c", "d", "e"}) {
 		t.Errorf("pages: %v", ids)
 	}
-	for _, bad := range []string{"3", "AAAAAAAAAAAAAAAAAAAAAA", cursor[:len(cursor)-2] + "AA", "not base64!"} {
-		res := e.do("GET", "/Patient?_count=2&_cursor="+url.QueryEscape(bad), nil)
+	for _, bad := range []string{"3", "AAAAAAAAAAAAAAAAAAAAAA", cursor[:len(cursor)-2] + "AA", "not base64!", "other type"} {
+		path := "/Patient?_count=2&_cursor=" + url.QueryEscape(bad)
+		if bad == "other type" {
+			path = "/Observation?_count=2&_cursor=" + url.QueryEscape(cursor)
+		}
+		res := e.do("GET", path, nil)
 		if res.StatusCode != 400 || !strings.Contains(string(res.body), `"expression":["_cursor"]`) {
 			t.Errorf("_cursor=%s: %d %s", bad, res.StatusCode, res.body)
 		}

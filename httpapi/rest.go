@@ -417,9 +417,10 @@ func (s *Server) search(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sq := kiln.SearchQuery{Type: typ, Count: 500, AccessCodes: principal(r).AccessCodes()}
+	scope := cursorScope(typ, sq.AccessCodes)
 	first := true
 	if v := vals.Get("_cursor"); v != "" {
-		n, err := s.decodeCursor(r.Context(), v)
+		n, err := s.decodeCursor(r.Context(), v, scope)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
@@ -499,7 +500,7 @@ scan:
 	}
 	fmt.Fprintf(&buf, `,"link":[{"relation":"self","url":%s}`, fhir.AppendString(nil, self))
 	if next > 0 {
-		cursor, err := s.encodeCursor(r.Context(), next)
+		cursor, err := s.encodeCursor(r.Context(), next, scope)
 		if err != nil {
 			s.writeError(w, r, err)
 			return

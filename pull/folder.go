@@ -314,7 +314,16 @@ func rewriteWithout(path, typ string, drop func(string) bool) (int, LocalFile, e
 // createPrivate creates (or truncates) a file only its owner may read: a
 // pull folder holds health records, whatever the umask.
 func createPrivate(path string) (*os.File, error) {
-	return os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	// A file left by an earlier run keeps its mode when reopened: set it.
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // writeAtomic writes b to tmp, syncs it and renames it to path.
