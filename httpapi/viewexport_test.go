@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-fhir/kiln"
 	"github.com/kiln-fhir/kiln/export"
 )
 
@@ -320,15 +319,7 @@ func TestViewExportRefusals(t *testing.T) {
 // of a type it cannot read is refused.
 func TestViewExportAccess(t *testing.T) {
 	r := newAuthEnv(t, envOpts{})
-	sec := func(tenant string) string {
-		return fmt.Sprintf(`,"meta":{"security":[{"system":%q,"code":%q}]}`, kiln.AccessSystem, tenant)
-	}
-	cat := func(c string) string {
-		return `,"category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"` + c + `"}]}]`
-	}
-	put(t, r.env, `{"resourceType":"Patient","id":"pa"`+sec("tenantA")+`}`, `{"resourceType":"Patient","id":"pb"`+sec("tenantB")+`}`,
-		obs("lab-a", "pa", sec("tenantA")+cat("laboratory")), obs("vit-a", "pa", sec("tenantA")+cat("vital-signs")),
-		obs("lab-b", "pb", sec("tenantB")+cat("laboratory")))
+	putLabTenants(t, r.env)
 	ids := func(tok, typ string, extra ...string) (int, []string) {
 		t.Helper()
 		h := bearer(tok)

@@ -117,20 +117,27 @@ func TestViewRun(t *testing.T) {
 	}
 }
 
-// TestViewRunAccess: a view shows only rows of resources the caller could
-// read through search: the type scope, the tenant's access tags and the
-// scopes' query filters.
-func TestViewRunAccess(t *testing.T) {
-	r := newAuthEnv(t, envOpts{noWorkers: true})
+// putLabTenants stores tenant A's patient pa with a laboratory and a
+// vital-signs Observation, and tenant B's pb with a laboratory one.
+func putLabTenants(t *testing.T, e *env) {
+	t.Helper()
 	sec := func(tenant string) string {
 		return fmt.Sprintf(`,"meta":{"security":[{"system":%q,"code":%q}]}`, kiln.AccessSystem, tenant)
 	}
 	cat := func(c string) string {
 		return `,"category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"` + c + `"}]}]`
 	}
-	put(t, r.env, `{"resourceType":"Patient","id":"pa"`+sec("tenantA")+`}`, `{"resourceType":"Patient","id":"pb"`+sec("tenantB")+`}`,
+	put(t, e, `{"resourceType":"Patient","id":"pa"`+sec("tenantA")+`}`, `{"resourceType":"Patient","id":"pb"`+sec("tenantB")+`}`,
 		obs("lab-a", "pa", sec("tenantA")+cat("laboratory")), obs("vit-a", "pa", sec("tenantA")+cat("vital-signs")),
 		obs("lab-b", "pb", sec("tenantB")+cat("laboratory")))
+}
+
+// TestViewRunAccess: a view shows only rows of resources the caller could
+// read through search: the type scope, the tenant's access tags and the
+// scopes' query filters.
+func TestViewRunAccess(t *testing.T) {
+	r := newAuthEnv(t, envOpts{noWorkers: true})
+	putLabTenants(t, r.env)
 	ids := func(tok, view string, extra ...string) (int, []string) {
 		t.Helper()
 		res := r.do("POST", "/ViewDefinition/$viewdefinition-run?_format=csv&header=false",
